@@ -1,0 +1,239 @@
+"""Checkpoint IO in the BAGEL format: load BAGEL / UniGenDet folders, export ours the same way.
+
+Features:
+* weights only from safetensors (no pickle); single file (``ema.safetensors``/``model.safetensors``) or sharded
+  (``model.safetensors.index.json`` + ``model-0000k-of-0000n.safetensors``);
+* streaming: tensors are read one at a time from memory-mapped files and assigned into a model built on the
+  meta device, so a 29 GB file needs ~1x its size in RAM, never 2x;
+* a :class:`LoadReport` of loaded / missing / unexpected keys: the UniGenDet-only heads (``fake_cls_head``,
+  ``diga_mlp``, ``latent_to_vit_connector``) are *expected* missing in a BAGEL release and start fresh; any other
+  missing or unexpected key, and any shape mismatch, is an error naming the key;
+* the FLUX AE comes from ``ae.safetensors`` (bare ``encoder.*``/``decoder.*`` keys);
+* export writes sharded safetensors + index + the json configs (+ ``ae.safetensors``), loadable back here and by
+  the reference code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from unigendet.convert import AE_PREFIX, UNIGENDET_ONLY_PREFIXES, from_bagel, to_bagel
+from unigendet.model.bagel_config import config_to_bagel_files
+from unigendet.model.config import UniGenDetConfig
+from unigendet.model.unigendet import UniGenDet
+
+INDEX = "model.safetensors.index.json"
+SINGLE_FILES = ("ema.safetensors", "model.safetensors")
+AE_FILE = "ae.safetensors"
+
+#####################################################################################################
+# Reports
+#####################################################################################################
+
+
+@dataclass
+class LoadReport:
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # reference key names
+    expected_missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        parts = [f"loaded {len(self.loaded)} tensors from {', '.join(self.files) or 'nothing'}"]
+        if self.expected_missing:
+            heads = sorted({k.split(".")[0] for k in self.expected_missing})
+            parts.append(f"freshly initialised (not in the checkpoint, as expected for a BAGEL release): {heads}")
+        if self.missing:
+            parts.append(f"MISSING {len(self.missing)}: {self.missing[:8]}{' ...' if len(self.missing) > 8 else ''}")
+        if self.unexpected:
+            parts.append(f"UNEXPECTED {len(self.unexpected)}: {self.unexpected[:8]}"
+                         f"{' ...' if len(self.unexpected) > 8 else ''}")
+        return "; ".join(parts)
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+#####################################################################################################
+# Loading
+#####################################################################################################
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files holding the network weights (not the AE)."""
+    index = folder / INDEX
+    if index.exists():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        names = sorted(set(weight_map.values()))
+        for n in names:
+            if Path(n).name != n:
+                raise CheckpointError(f"{index} names a shard outside the folder: {n!r}")
+        return [folder / n for n in names]
+    for name in SINGLE_FILES:
+        if (folder / name).exists():
+            return [folder / name]
+    raise FileNotFoundError(f"no weights in {folder}: expected {INDEX} or one of {SINGLE_FILES}")
+
+
+def _assign(model: nn.Module, name: str, value: Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    old = getattr(module, attr)
+    value = value.to(dtype=old.dtype)
+    if old.is_meta:
+        setattr(module, attr, nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        with torch.no_grad():
+            old.copy_(value)
+
+
+def _load_files(model: nn.Module, files: list[Path], rename, targets: dict[str, Tensor], device: str,
+                report: LoadReport) -> None:
+    for path in files:
+        report.files.append(path.name)
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                ours = rename(key)
+                if ours is None or ours not in targets:
+                    report.unexpected.append(key)
+                    continue
+                shape = tuple(f.get_slice(key).get_shape())
+                want = tuple(targets[ours].shape)
+                if shape != want:
+                    raise CheckpointError(f"{path.name}: {key} has shape {list(shape)} but the model config expects "
+                                          f"{list(want)} (parameter {ours}); is the config right for this checkpoint?")
+                _assign(model, ours, f.get_tensor(key).to(device))
+                report.loaded.append(key)
+
+
+def load_weights(model: UniGenDet, folder: str | Path, *, strict: bool = True, device: str = "cpu",
+                 load_ae: bool = True) -> LoadReport:
+    """Load a BAGEL / UniGenDet folder into ``model`` (meta-built or materialised). Parameters left without a
+    value (the expected-missing heads) are materialised on ``device`` and freshly initialised."""
+    folder = Path(folder)
+    report = LoadReport()
+    targets = {n: p for n, p in model.named_parameters() if not n.startswith(AE_PREFIX)}
+    _load_files(model, weight_files(folder), from_bagel, targets, device, report)
+    if load_ae and any(n.startswith(AE_PREFIX) for n, _ in model.named_parameters()):
+        ae_targets = {n: p for n, p in model.named_parameters() if n.startswith(AE_PREFIX)}
+        if (folder / AE_FILE).exists():
+            _load_files(model, [folder / AE_FILE], lambda k: AE_PREFIX + k, ae_targets, device, report)
+        for name in ae_targets:
+            if to_bagel(name) is None and AE_PREFIX + name[len(AE_PREFIX):] not in _loaded_ours(report, ae=True):
+                report.missing.append(name)
+    loaded_ours = _loaded_ours(report)
+    for name in targets:
+        key = to_bagel(name)
+        if key is None:
+            raise CheckpointError(f"parameter {name} has no BAGEL name (convert.BAGEL_MAP is incomplete)")
+        if key not in loaded_ours:
+            (report.expected_missing if key.startswith(UNIGENDET_ONLY_PREFIXES) else report.missing).append(key)
+    if strict and (report.missing or report.unexpected):
+        raise CheckpointError(f"checkpoint {folder} does not match the model: {report}")
+    _materialise_fresh(model, device)
+    return report
+
+
+def _loaded_ours(report: LoadReport, ae: bool = False) -> set[str]:
+    if ae:
+        return {AE_PREFIX + k for k in report.loaded}
+    return set(report.loaded)
+
+
+def _materialise_fresh(model: UniGenDet, device: str) -> None:
+    """Give meta parameters (heads absent from the checkpoint) real storage and fresh init."""
+    parts = [n for n, m in model.named_children() if m is not None and any(p.is_meta for p in m.parameters())]
+    if not parts:
+        return
+    for name in parts:
+        getattr(model, name).to_empty(device=device)
+    model.init_weights(parts)
+
+
+def load_model(folder: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+               strict: bool = True, cfg: UniGenDetConfig | None = None) -> tuple[UniGenDet, LoadReport]:
+    """Build the network described by a BAGEL / UniGenDet folder on the meta device and stream its weights in."""
+    folder = Path(folder)
+    cfg = cfg or UniGenDetConfig.from_bagel_dir(folder)
+    with torch.device("meta"):
+        model = UniGenDet(cfg).to(dtype)
+    report = load_weights(model, folder, strict=strict, device=device)
+    return model, report
+
+
+#####################################################################################################
+# Export
+#####################################################################################################
+
+
+def bagel_state_dict(model: UniGenDet) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(network tensors under reference names, AE tensors under bare BFL names)."""
+    net, ae = {}, {}
+    for name, p in model.named_parameters():
+        if name.startswith(AE_PREFIX):
+            ae[name[len(AE_PREFIX):]] = p.detach()
+            continue
+        key = to_bagel(name)
+        if key is None:
+            raise CheckpointError(f"parameter {name} has no BAGEL name (convert.BAGEL_MAP is incomplete)")
+        net[key] = p.detach()
+    return net, ae
+
+
+def save_folder(model: UniGenDet, out: str | Path, *, max_shard_bytes: int = 4 * 1024**3,
+                dtype: torch.dtype | None = None) -> Path:
+    """Write ``model`` as a UniGenDet/BAGEL folder: shards + index, ae.safetensors, json configs.
+
+    Each file is written under a temporary name and renamed into place, so an interrupted export never leaves a
+    complete-looking but partial file.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    net, ae = bagel_state_dict(model)
+    cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for key, t in net.items():
+        nbytes = t.numel() * (cast(t[:0]).element_size() if t.dim() else cast(t).element_size())
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    n = len(shards)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        tensors = {k: cast(v).contiguous().cpu() for k, v in shard.items()}
+        _atomic_save(tensors, out / fname)
+        for k, v in tensors.items():
+            weight_map[k] = fname
+            total += v.numel() * v.element_size()
+    _atomic_write(out / INDEX, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    if ae:
+        _atomic_save({k: v.contiguous().cpu() for k, v in ae.items()}, out / AE_FILE)
+    for fname, content in config_to_bagel_files(model.cfg).items():
+        _atomic_write(out / fname, json.dumps(content, indent=2))
+    return out
+
+
+def _atomic_save(tensors: dict[str, Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

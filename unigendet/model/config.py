@@ -1,0 +1,289 @@
+"""Configuration dataclasses for the UniGenDet network.
+
+One dataclass per component, composed into :class:`UniGenDetConfig`:
+
+* :class:`MoTConfig`    - the Mixture-of-Transformers decoder (Qwen2 layout, und/gen experts)
+* :class:`ViTConfig`    - the SigLIP NaViT encoder and its connector
+* :class:`VAEConfig`    - the frozen autoencoder (FLUX AE, or the pixel-space stand-in of the demo)
+* :class:`FlowConfig`   - latent patching, timestep shift and sampler defaults
+* :class:`DetHeadConfig`- the real/fake head and the DIGA projector
+* :class:`TokenConfig`  - the ids of the four special tokens (read from the tokenizer when there is one)
+
+Derived fields are computed and validated in ``__post_init__`` so that a bad config fails at construction.
+This module never imports torch: configs stay serialisable and cheap to build.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+#####################################################################################################
+# Components
+#####################################################################################################
+
+
+@dataclass
+class MoTConfig:
+    """The decoder: a Qwen2 transformer whose every layer holds an ``und`` and a ``gen`` expert."""
+
+    dim: int = 3584
+    n_layers: int = 28
+    n_heads: int = 28
+    n_kv_heads: int = 4
+    mlp_dim: int = 18944
+    vocab_size: int = 152064
+    rope_theta: float = 1_000_000.0
+    norm_eps: float = 1e-6
+    qk_norm: bool = True
+    head_dim: int = 0  # derived: dim // n_heads when 0
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            if self.dim % self.n_heads:
+                raise ValueError(f"MoT dim {self.dim} is not divisible by n_heads {self.n_heads}")
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} must be a multiple of n_kv_heads {self.n_kv_heads} (GQA)")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if self.n_layers < 1 or self.vocab_size < 1 or self.mlp_dim < 1:
+            raise ValueError("MoT n_layers, vocab_size and mlp_dim must be positive")
+
+
+@dataclass
+class ViTConfig:
+    """SigLIP NaViT: packed 14x14 patches of any aspect ratio, per-image attention."""
+
+    dim: int = 1152
+    n_layers: int = 26  # layers actually used (BAGEL keeps 26 of SigLIP's 27)
+    n_heads: int = 16
+    mlp_dim: int = 4304
+    patch_size: int = 14
+    image_size: int = 980  # the ViT's own abs-pos table covers (image_size // patch_size) ** 2 positions
+    max_patches_per_side: int = 70  # the grid of Bagel's fixed sin-cos `vit_pos_embed`
+    in_channels: int = 3
+    norm_eps: float = 1e-6
+    act: str = "gelu_tanh"
+    connector_act: str = "gelu_tanh"
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_heads:
+            raise ValueError(f"ViT dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"ViT image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.max_patches_per_side != self.image_size // self.patch_size:
+            raise ValueError(f"max_patches_per_side {self.max_patches_per_side} must equal image_size // patch_size "
+                             f"= {self.image_size // self.patch_size}: one position id indexes both position tables")
+        self.mean = tuple(self.mean)
+        self.std = tuple(self.std)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Numbers in one flattened patch, (h, w, c) order."""
+        return self.patch_size * self.patch_size * self.in_channels
+
+    @property
+    def n_positions(self) -> int:
+        """Rows of the ViT's learned position table."""
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class VAEConfig:
+    """The frozen autoencoder.
+
+    ``kind="flux"`` is the FLUX AE of BAGEL (``ch``/``ch_mult``/``num_res_blocks`` describe it).
+    ``kind="pixel"`` is a parameter-free, exactly invertible space-to-depth map used by the CPU demo:
+    a ``downsample x downsample x in_channels`` pixel block becomes one latent "pixel" of
+    ``z_channels = downsample**2 * in_channels`` numbers, normalised by ``shift_factor``/``scale_factor``.
+    """
+
+    kind: Literal["flux", "pixel"] = "flux"
+    in_channels: int = 3
+    out_ch: int = 3
+    z_channels: int = 16
+    downsample: int = 8
+    scale_factor: float = 0.3611
+    shift_factor: float = 0.1159
+    resolution: int = 256
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+
+    def __post_init__(self) -> None:
+        self.ch_mult = tuple(self.ch_mult)
+        if self.kind not in ("flux", "pixel"):
+            raise ValueError(f"unknown VAE kind {self.kind!r} (expected 'flux' or 'pixel')")
+        if self.kind == "flux":
+            if 2 ** (len(self.ch_mult) - 1) != self.downsample:
+                raise ValueError(f"FLUX AE with ch_mult {self.ch_mult} downsamples by "
+                                 f"{2 ** (len(self.ch_mult) - 1)}, not {self.downsample}")
+        elif self.z_channels != self.downsample**2 * self.in_channels:
+            raise ValueError(f"pixel AE needs z_channels = downsample**2 * in_channels = "
+                             f"{self.downsample**2 * self.in_channels}, got {self.z_channels}")
+
+
+@dataclass
+class FlowConfig:
+    """Rectified flow in the latent space. Time convention: t=0 is data, t=1 is pure noise."""
+
+    latent_patch_size: int = 2
+    max_latent_size: int = 64  # side of the fixed sin-cos `latent_pos_embed` grid, in latent tokens
+    timestep_shift: float = 1.0  # training shift s: t <- s t / (1 + (s - 1) t)
+    sample_shift: float = 3.0
+    sample_steps: int = 50
+    cfg_scale: float = 4.0
+    cfg_interval: tuple[float, float] = (0.0, 1.0)
+    cfg_renorm_min: float = 0.0  # 0 disables CFG renormalisation
+    freq_dim: int = 256  # sinusoid width fed to the timestep embedder
+
+    def __post_init__(self) -> None:
+        self.cfg_interval = tuple(self.cfg_interval)
+        if self.timestep_shift <= 0 or self.sample_shift <= 0:
+            raise ValueError("timestep shifts must be positive")
+        if self.freq_dim % 2:
+            raise ValueError("freq_dim must be even")
+
+
+@dataclass
+class DetHeadConfig:
+    """The real/fake head (LayerNorm -> Linear(D, D/reduction) -> ReLU -> Linear(., 2)) and DIGA projector."""
+
+    n_classes: int = 2  # class 0 = fake, 1 = real (FakeClue)
+    reduction: int = 4
+    norm_eps: float = 1e-5
+    diga: bool = True  # build the DIGA projector (`diga_mlp.*`)
+    diga_layer: int = 8  # hidden states "after layer l" (1-based count of decoder layers)
+    diga_mult: int = 4
+
+
+@dataclass
+class TokenConfig:
+    """Special-token ids. Come from the tokenizer; never hard-coded in model code."""
+
+    bos: int = 151644  # <|im_start|>
+    eos: int = 151645  # <|im_end|>
+    vision_start: int = 151652  # <|vision_start|>
+    vision_end: int = 151653  # <|vision_end|>
+
+
+#####################################################################################################
+# The whole network
+#####################################################################################################
+
+
+@dataclass
+class UniGenDetConfig:
+    name: str = "custom"
+    mot: MoTConfig = field(default_factory=MoTConfig)
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    head: DetHeadConfig = field(default_factory=DetHeadConfig)
+    tokens: TokenConfig = field(default_factory=TokenConfig)
+    latent_to_vit_connector: bool = True  # unused by the method; kept so checkpoints round-trip
+
+    def __post_init__(self) -> None:
+        for key, cls in _COMPONENTS.items():
+            value = getattr(self, key)
+            if isinstance(value, dict):
+                setattr(self, key, cls(**value))
+        if not 1 <= self.head.diga_layer <= self.mot.n_layers and self.head.diga:
+            raise ValueError(f"diga_layer {self.head.diga_layer} outside 1..{self.mot.n_layers}")
+        ids = dataclasses.asdict(self.tokens)
+        bad = {k: v for k, v in ids.items() if not 0 <= v < self.mot.vocab_size}
+        if bad:
+            raise ValueError(f"special token ids {bad} outside the vocabulary of {self.mot.vocab_size}")
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.z_channels
+
+    @property
+    def latent_token_dim(self) -> int:
+        """Numbers per VAE token: latent_patch_size**2 * z_channels (64 for BAGEL)."""
+        return self.flow.latent_patch_size**2 * self.vae.z_channels
+
+    @property
+    def vae_pixels_per_token(self) -> int:
+        """Side in pixels covered by one VAE token (16 for BAGEL)."""
+        return self.flow.latent_patch_size * self.vae.downsample
+
+    # ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> UniGenDetConfig:
+        """A named preset with overrides: ``from_name("tiny", mot={"n_layers": 3})`` or flat ``n_layers=3``.
+
+        Flat keys are looked up in the components (``n_layers`` goes to ``mot``); a flat key that several
+        components share is ambiguous and must be given nested.
+        """
+        from unigendet.model.presets import PRESETS
+
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+        base = copy.deepcopy(PRESETS[name])
+        base["name"] = name
+        return cls.from_dict(_merge(base, _nest(overrides)))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> UniGenDetConfig:
+        d = dict(d)
+        kwargs = {k: _COMPONENTS[k](**d.pop(k)) for k in list(d) if k in _COMPONENTS}
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown UniGenDetConfig keys {sorted(unknown)}")
+        return cls(**kwargs, **d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_bagel_dir(cls, path: str | Path) -> UniGenDetConfig:
+        """Read a BAGEL model folder's json files (llm_config, vit_config, optional bagel/vae configs, tokenizer)."""
+        from unigendet.model.bagel_config import config_from_bagel_dir
+
+        return config_from_bagel_dir(Path(path))
+
+
+_COMPONENTS = {
+    "mot": MoTConfig,
+    "vit": ViTConfig,
+    "vae": VAEConfig,
+    "flow": FlowConfig,
+    "head": DetHeadConfig,
+    "tokens": TokenConfig,
+}
+
+
+def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key in _COMPONENTS or key in ("name", "latent_to_vit_connector"):
+            out[key] = value
+            continue
+        owners = [c for c, cls in _COMPONENTS.items() if key in {f.name for f in dataclasses.fields(cls)}]
+        if len(owners) != 1:
+            raise ValueError(f"override {key!r} matches components {owners}; pass it nested, e.g. "
+                             f"{{'{owners[0] if owners else 'mot'}': {{'{key}': ...}}}}")
+        out.setdefault(owners[0], {})[key] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = _merge(dict(base[key]), value)
+        else:
+            base[key] = value
+    return base

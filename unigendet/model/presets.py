@@ -1,0 +1,54 @@
+"""Named presets for :meth:`UniGenDetConfig.from_name`.
+
+* ``tiny``         - unit tests: 2 layers of width 64, a 4-level tiny FLUX AE; builds and runs in milliseconds.
+* ``demo``         - the CPU demo: a few million parameters and a parameter-free pixel-space "autoencoder"
+                     (space-to-depth, exactly invertible), so generation learns visibly in minutes on 2 cores
+                     without first training an AE on a corpus that has no pretrained one.
+* ``debug``        - one GPU, minutes: BAGEL's widths with 2 decoder and 2 ViT layers, the real FLUX AE shape.
+* ``bagel-7b-mot`` - BAGEL-7B-MoT (14B parameters, 7B active) with the UniGenDet heads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_QWEN2_TOKENS = {"bos": 151644, "eos": 151645, "vision_start": 151652, "vision_end": 151653}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "mot": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "mlp_dim": 128, "vocab_size": 300},
+        "vit": {"dim": 32, "n_layers": 2, "n_heads": 2, "mlp_dim": 64, "patch_size": 14, "image_size": 224,
+                "max_patches_per_side": 16},
+        "vae": {"kind": "flux", "ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "z_channels": 16,
+                "downsample": 8},
+        "flow": {"latent_patch_size": 2, "max_latent_size": 16, "sample_steps": 8},
+        "head": {"diga_layer": 1},
+        "tokens": {"bos": 296, "eos": 297, "vision_start": 298, "vision_end": 299},
+    },
+    "demo": {
+        "mot": {"dim": 192, "n_layers": 4, "n_heads": 6, "n_kv_heads": 2, "mlp_dim": 512, "vocab_size": 2048},
+        "vit": {"dim": 96, "n_layers": 3, "n_heads": 3, "mlp_dim": 256, "patch_size": 8, "image_size": 128,
+                "max_patches_per_side": 16},
+        "vae": {"kind": "pixel", "downsample": 4, "z_channels": 48, "scale_factor": 2.0, "shift_factor": 0.0},
+        "flow": {"latent_patch_size": 2, "max_latent_size": 16, "sample_steps": 25},
+        "head": {"diga_layer": 2},
+        "tokens": {"bos": 2044, "eos": 2045, "vision_start": 2046, "vision_end": 2047},
+    },
+    "debug": {
+        "mot": {"n_layers": 2},
+        "vit": {"n_layers": 2},
+        "head": {"diga_layer": 2},
+        "tokens": dict(_QWEN2_TOKENS),
+    },
+    "bagel-7b-mot": {
+        "mot": {"dim": 3584, "n_layers": 28, "n_heads": 28, "n_kv_heads": 4, "mlp_dim": 18944, "vocab_size": 152064,
+                "rope_theta": 1_000_000.0, "norm_eps": 1e-6},
+        "vit": {"dim": 1152, "n_layers": 26, "n_heads": 16, "mlp_dim": 4304, "patch_size": 14, "image_size": 980,
+                "max_patches_per_side": 70},
+        "vae": {"kind": "flux", "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "z_channels": 16,
+                "downsample": 8, "scale_factor": 0.3611, "shift_factor": 0.1159},
+        "flow": {"latent_patch_size": 2, "max_latent_size": 64, "timestep_shift": 1.0},
+        "head": {"diga_layer": 8},
+        "tokens": dict(_QWEN2_TOKENS),
+    },
+}
