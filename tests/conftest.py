@@ -28,3 +28,31 @@ def bagel_keys_file() -> Path:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def mixed_plans(cfg, seed: int = 0, with_latents: bool = False):
+    """Detection (with and without the clean VAE split) + text-to-image samples of varied sizes."""
+    from unigendet.model.packing import SamplePlan, TextSplit, VAESplit, ViTSplit
+
+    g = torch.Generator().manual_seed(seed)
+    pv, pt = cfg.vit.patch_size, cfg.vae_pixels_per_token
+    lat = cfg.flow.latent_patch_size
+
+    def ids(n):
+        return torch.randint(0, cfg.tokens.bos - 1, (n,), generator=g).tolist()
+
+    def vae(h, w, noisy=False):
+        if with_latents:
+            return VAESplit(latent=torch.randn(cfg.vae.z_channels, h * lat, w * lat, generator=g), noisy=noisy)
+        return VAESplit(image=torch.rand(3, h * pt, w * pt, generator=g) * 2 - 1, noisy=noisy)
+
+    def vit(h, w):
+        return ViTSplit(image=torch.rand(3, h * pv, w * pv, generator=g) * 2 - 1)
+
+    return [
+        SamplePlan([vae(2, 3), vit(3, 2), TextSplit(ids(4)), TextSplit(ids(6), loss=True)], label=0, sample_id="a"),
+        SamplePlan([vit(2, 2), TextSplit(ids(3)), TextSplit(ids(5), loss=True)], label=1, sample_id="b"),
+        SamplePlan([TextSplit(ids(5)), vae(2, 2, noisy=True)], sample_id="c"),
+        SamplePlan([vae(3, 1), vit(1, 3), TextSplit(ids(2)), TextSplit(ids(3), loss=True)], label=1, sample_id="d"),
+        SamplePlan([TextSplit(ids(3)), vae(1, 3, noisy=True)], sample_id="e"),
+    ]

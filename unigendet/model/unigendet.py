@@ -81,6 +81,8 @@ class UniGenDet(nn.Module):
         self.diga_proj = DigaProjector(d, cfg.head.diga_mult) if cfg.head.diga else None
         self.latent_to_vit_connector = (MLP2(cfg.latent_token_dim, d, d, "gelu_tanh")
                                         if cfg.latent_to_vit_connector else None)
+        if self.latent_to_vit_connector is not None:  # unused by the method: kept frozen, only to round-trip
+            self.latent_to_vit_connector.requires_grad_(False)
 
     # ----------------------------------------------------------------------------------------------
     # Initialisation
