@@ -47,6 +47,8 @@ class SequenceLayout:
         if unknown:
             raise ValueError(f"unknown attention modes {sorted(unknown)}; expected {sorted(MODES)}")
         lens = torch.tensor(split_lens, dtype=torch.long)
+        if (lens <= 0).any() or min(sample_lens, default=1) <= 0:
+            raise ValueError(f"empty splits or samples are not allowed (split lens {split_lens})")
         split = torch.repeat_interleave(torch.arange(len(split_lens)), lens)
         mode = torch.repeat_interleave(torch.tensor([MODES[m] for m in split_modes]), lens)
         sample = torch.repeat_interleave(torch.arange(len(sample_lens)), torch.tensor(sample_lens, dtype=torch.long))

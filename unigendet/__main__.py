@@ -1,0 +1,5 @@
+import sys
+
+from unigendet.cli import main
+
+sys.exit(main())
