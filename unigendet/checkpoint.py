@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from unigendet.convert import AE_PREFIX, UNIGENDET_ONLY_PREFIXES, from_bagel, to_bagel
 from unigendet.model.bagel_config import config_to_bagel_files
 from unigendet.model.config import UniGenDetConfig
+from unigendet.model.layers import PosEmbed2D, RMSNorm, sincos_2d_table
 from unigendet.model.unigendet import UniGenDet
 
 INDEX = "model.safetensors.index.json"
@@ -75,8 +76,9 @@ def weight_files(folder: Path) -> list[Path]:
     if index.exists():
         weight_map = json.loads(index.read_text()).get("weight_map", {})
         names = sorted(set(weight_map.values()))
+        root = folder.resolve()
         for n in names:
-            if Path(n).name != n:
+            if not n or Path(n).name != n or (folder / n).resolve().parent != root:
                 raise CheckpointError(f"{index} names a shard outside the folder: {n!r}")
         return [folder / n for n in names]
     for name in SINGLE_FILES:
@@ -151,13 +153,36 @@ def _loaded_ours(report: LoadReport, ae: bool = False) -> set[str]:
 
 
 def _materialise_fresh(model: UniGenDet, device: str) -> None:
-    """Give meta parameters (heads absent from the checkpoint) real storage and fresh init."""
-    parts = [n for n, m in model.named_children() if m is not None and any(p.is_meta for p in m.parameters())]
-    if not parts:
-        return
+    """Give parameters the checkpoint did not provide real storage and a fresh init. Parts missing entirely (the
+    UniGenDet heads of a BAGEL release) get the model's own init; single stray parameters (``strict=False``) get
+    the same rule one tensor at a time, never touching what was loaded."""
+    parts = [n for n, m in model.named_children()
+             if m is not None and any(True for _ in m.parameters()) and all(p.is_meta for p in m.parameters())]
     for name in parts:
         getattr(model, name).to_empty(device=device)
-    model.init_weights(parts)
+    if parts:
+        model.init_weights(parts)
+    for module in model.modules():
+        for attr, p in list(module.named_parameters(recurse=False)):
+            if p.is_meta:
+                value = torch.empty(p.shape, dtype=p.dtype, device=device)
+                fresh_parameter_value(module, attr, value)
+                setattr(module, attr, nn.Parameter(value, requires_grad=p.requires_grad))
+
+
+@torch.no_grad()
+def fresh_parameter_value(module: nn.Module, attr: str, out: Tensor, std: float = 0.02) -> None:
+    """The init ``UniGenDet.init_weights`` would give this one parameter."""
+    if isinstance(module, PosEmbed2D):
+        out.copy_(sincos_2d_table(module.dim, module.side))
+    elif attr == "bias":
+        out.zero_()
+    elif isinstance(module, (RMSNorm, nn.LayerNorm, nn.GroupNorm)):
+        out.fill_(1.0)
+    elif isinstance(module, (nn.Conv2d,)):
+        nn.init.kaiming_uniform_(out, a=5**0.5)
+    else:
+        out.normal_(0.0, std)
 
 
 def load_model(folder: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,

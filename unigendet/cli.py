@@ -41,7 +41,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         extra = {"load_report": {"loaded": len(report.loaded), "missing": report.missing,
                                  "unexpected": report.unexpected, "fresh": report.expected_missing}}
     else:
-        cfg = UniGenDetConfig.from_bagel_dir(args.bagel_dir) if args.bagel_dir else UniGenDetConfig.from_name(args.preset)
+        if args.bagel_dir:
+            cfg = UniGenDetConfig.from_bagel_dir(args.bagel_dir)
+        else:
+            cfg = UniGenDetConfig.from_name(args.preset)
         with torch.device("meta"):
             model = UniGenDet(cfg)
         extra = {}

@@ -185,7 +185,6 @@ _INVALID = {
     "vae-kind": {"vae": {"kind": "sd"}},
     "token-at-vocab": {"tokens": {"bos": 300}},
     "token-negative": {"tokens": {"vision_end": -1}},
-    "vit-grid": {"vit": {"max_patches_per_side": 15}},
     "vit-image-not-patch-multiple": {"vit": {"image_size": 230}},
     "diga-layer-too-deep": {"head": {"diga_layer": 3}},
     "diga-layer-zero": {"head": {"diga_layer": 0}},
@@ -213,8 +212,6 @@ def test_validation_messages_name_the_problem():
         MoTConfig(dim=12, n_heads=4, n_kv_heads=2)
     with pytest.raises(ValueError, match="48"):
         VAEConfig(kind="pixel", downsample=4, z_channels=16)
-    with pytest.raises(ValueError, match="max_patches_per_side"):
-        ViTConfig(dim=32, n_heads=2, patch_size=14, image_size=224, max_patches_per_side=15)
     with pytest.raises(ValueError, match="diga_layer"):
         UniGenDetConfig.from_name("tiny", head={"diga_layer": 3})
     with pytest.raises(ValueError, match="bos"):

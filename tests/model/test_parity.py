@@ -9,6 +9,7 @@ match to 1e-4 (fp32, CPU), with both attention kernels.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -44,19 +45,24 @@ def fixture(request):
     return model, tensors, meta, expected, scalars, bagel
 
 
-def _outputs(model, batch, noise, diga_layer):
+def _hidden_layers(expected) -> dict[str, int]:
+    return {k: int(m.group(1)) for k in expected if (m := re.fullmatch(r"hidden_after_layer(\d+)", k))}
+
+
+def _outputs(model, batch, noise, expected, diga_layer):
+    layers = _hidden_layers(expected)
     with torch.no_grad():
-        out = model(batch, noise=noise, hidden_layers=(diga_layer,), return_hidden=True)
-        hidden = out["hidden"][diga_layer]
-        return out, {
+        out = model(batch, noise=noise, hidden_layers=tuple({*layers.values(), diga_layer}), return_hidden=True)
+        ours = {
             "ce": out["ce"],
             "mse": out["mse"],
             "fake_predicted": out["det_logits"],
             "last_hidden_state": out["last_hidden"],
-            f"hidden_after_layer{diga_layer}": hidden,
             "llm_input_embeds": out["embeds"],
-            "diga_mlp_vae_tokens": model.project_diga(hidden[batch.vae_indexes]),
+            "diga_mlp_vae_tokens": model.project_diga(out["hidden"][diga_layer][batch.vae_indexes]),
+            **{key: out["hidden"][layer] for key, layer in layers.items()},
         }
+    return out, ours
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "flex_eager"])
@@ -65,19 +71,15 @@ def test_network_outputs_match_reference(fixture, backend):
     model.attn_backend = backend
     batch = from_reference_batch(tensors, meta)
     diga_layer = bagel.get("diga_layer", model.cfg.head.diga_layer)
-    out, ours = _outputs(model, batch, tensors["noise"], diga_layer)
-    checked = 0
-    for key, value in ours.items():
-        if key not in expected:
-            continue
-        ref = expected[key]
+    out, ours = _outputs(model, batch, tensors["noise"], expected, diga_layer)
+    network_keys = {k for k in expected if not k.startswith("vae_")}
+    assert network_keys <= set(ours), f"fixture outputs this test does not compute: {network_keys - set(ours)}"
+    assert {"ce", "mse", "fake_predicted", "last_hidden_state"} <= network_keys
+    for key in sorted(network_keys):
+        value, ref = ours[key], expected[key]
         assert value.shape == ref.shape, f"{key}: shape {tuple(value.shape)} != {tuple(ref.shape)}"
         diff = (value - ref).abs().max().item()
         assert diff <= TOL, f"{key}: max abs diff {diff:.3g} > {TOL}"
-        checked += 1
-    # the fixture defines at least the core outputs; all of them must have been compared
-    assert {"ce", "mse", "fake_predicted", "last_hidden_state"} <= set(expected)
-    assert checked == sum(k in expected for k in ours)
 
     losses = reduce_losses(out, batch)
     w = bagel.get("loss_weights", {"ce": 1.0, "mse": 1.0, "label": 0.2})
@@ -93,6 +95,8 @@ def test_vae_outputs_match_reference(fixture):
     vae = model.vae
     n = sum(1 for k in tensors if k.startswith("vae_images."))
     assert n > 0, "fixture has no VAE test images"
+    vae_keys = {k for k in expected if k.startswith("vae_")}
+    assert len(vae_keys) == 4 * n, f"unexpected VAE outputs in the fixture: {sorted(vae_keys)}"
     with torch.no_grad():
         for i in range(n):
             mean, logvar = vae.encode_moments(tensors[f"vae_images.{i}"])

@@ -53,7 +53,8 @@ def test_every_trainable_parameter_gets_a_gradient(tiny):
     dead = [n for n, p in trainable if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0]
     assert not dead, f"parameters without a (finite, non-zero) gradient: {dead}"
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    assert all(n.startswith(("vae.", "vit_pos_embed.", "latent_pos_embed.", "latent_to_vit_connector.")) for n in frozen)
+    allowed = ("vae.", "vit_pos_embed.", "latent_pos_embed.", "latent_to_vit_connector.")
+    assert all(n.startswith(allowed) for n in frozen)
 
 
 def test_smsa_detection_gradients_reach_the_generation_expert(tiny):

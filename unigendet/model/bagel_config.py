@@ -9,11 +9,13 @@ token ids, DIGA layer) and ``vae_config.json`` (the FLUX AE parameters). What a 
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
 
-from unigendet.model.config import UniGenDetConfig
+from unigendet.model.config import UniGenDetConfig, _merge
+from unigendet.model.presets import PRESETS
 
 _SPECIAL = {"bos": "<|im_start|>", "eos": "<|im_end|>", "vision_start": "<|vision_start|>",
             "vision_end": "<|vision_end|>"}
@@ -69,6 +71,8 @@ def config_from_bagel_dir(folder: Path) -> UniGenDetConfig:
             "mlp_dim": llm["intermediate_size"], "vocab_size": llm["vocab_size"],
             "rope_theta": float(llm.get("rope_theta", 1e6)), "norm_eps": float(llm.get("rms_norm_eps", 1e-6)),
             "qk_norm": bool(overrides.get("qk_norm", True)),
+            "act": _ACT.get(llm.get("hidden_act", "silu"), llm.get("hidden_act", "silu")),
+            **({"head_dim": llm["head_dim"]} if llm.get("head_dim") else {}),
         },
         "vit": {
             "dim": vit["hidden_size"], "n_layers": vit["num_hidden_layers"] + 1 + select,
@@ -86,9 +90,9 @@ def config_from_bagel_dir(folder: Path) -> UniGenDetConfig:
         },
     }
     if vae is not None:
-        d["vae"] = {"kind": "flux", **{k: vae[k] for k in ("kind", "resolution", "in_channels", "downsample", "ch", "out_ch",
-                                                            "ch_mult", "num_res_blocks", "z_channels",
-                                                            "scale_factor", "shift_factor") if k in vae}}
+        keys = ("kind", "resolution", "in_channels", "downsample", "ch", "out_ch", "ch_mult", "num_res_blocks",
+                "z_channels", "scale_factor", "shift_factor")
+        d["vae"] = {"kind": "flux", **{k: vae[k] for k in keys if k in vae}}
     if "diga_layer" in bagel:
         d["head"] = {"diga_layer": bagel["diga_layer"]}
     tokens = tokenizer_special_ids(folder)
@@ -101,17 +105,21 @@ def config_from_bagel_dir(folder: Path) -> UniGenDetConfig:
     elif d["mot"]["vocab_size"] < 151654:
         raise ValueError(f"{folder}: no tokenizer.json and no special_token_ids in bagel_config.json, and the "
                          "vocabulary is not Qwen2's: cannot tell the special-token ids")
-    cfg = UniGenDetConfig.from_name("bagel-7b-mot", **{k: v for k, v in d.items() if k != "name"})
-    cfg.name = d["name"]
-    return cfg
+    section = bagel.get("unigendet_config")
+    if section:  # our exports: the full config; the standard files above still win for what they describe
+        base = copy.deepcopy(section)
+    else:
+        base = copy.deepcopy(PRESETS["bagel-7b-mot"])
+        base.setdefault("head", {})["diga_layer"] = min(8, d["mot"]["n_layers"])
+    return UniGenDetConfig.from_dict(_merge(base, d))
 
 
 def config_to_bagel_files(cfg: UniGenDetConfig) -> dict[str, dict[str, Any]]:
     """The json files of a BAGEL/UniGenDet folder describing ``cfg`` (inverse of ``config_from_bagel_dir``)."""
     m, v, f, t = cfg.mot, cfg.vit, cfg.flow, cfg.tokens
     llm = {
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
-        "hidden_size": m.dim, "intermediate_size": m.mlp_dim, "num_hidden_layers": m.n_layers,
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": m.act,
+        "hidden_size": m.dim, "intermediate_size": m.mlp_dim, "num_hidden_layers": m.n_layers, "head_dim": m.head_dim,
         "num_attention_heads": m.n_heads, "num_key_value_heads": m.n_kv_heads, "vocab_size": m.vocab_size,
         "rope_theta": m.rope_theta, "rms_norm_eps": m.norm_eps, "tie_word_embeddings": False,
         "max_position_embeddings": 32768, "max_window_layers": m.n_layers, "use_sliding_window": False,
@@ -135,6 +143,7 @@ def config_to_bagel_files(cfg: UniGenDetConfig) -> dict[str, dict[str, Any]]:
         "llm_build_overrides": {"layer_module": "Qwen2MoTDecoderLayer", "qk_norm": m.qk_norm,
                                 "tie_word_embeddings": False, "freeze_und": False},
         "vit_build_overrides": {"vit_select_layer": -2, "rope": False},
+        "unigendet_config": cfg.to_dict(),  # everything the standard files cannot say (sampler, head, demo AE)
     }
     a = cfg.vae
     vae = {"kind": a.kind, "resolution": a.resolution, "in_channels": a.in_channels, "downsample": a.downsample,

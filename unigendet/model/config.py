@@ -39,6 +39,7 @@ class MoTConfig:
     rope_theta: float = 1_000_000.0
     norm_eps: float = 1e-6
     qk_norm: bool = True
+    act: str = "silu"  # SwiGLU gate activation
     head_dim: int = 0  # derived: dim // n_heads when 0
 
     def __post_init__(self) -> None:
@@ -64,7 +65,9 @@ class ViTConfig:
     mlp_dim: int = 4304
     patch_size: int = 14
     image_size: int = 980  # the ViT's own abs-pos table covers (image_size // patch_size) ** 2 positions
-    max_patches_per_side: int = 70  # the grid of Bagel's fixed sin-cos `vit_pos_embed`
+    # side of the grid that flattens patch coordinates (row * side + col) and of Bagel's sin-cos `vit_pos_embed`;
+    # the same ids index the ViT's own table, so ids must stay below n_positions (the packer checks)
+    max_patches_per_side: int = 70
     in_channels: int = 3
     norm_eps: float = 1e-6
     act: str = "gelu_tanh"
@@ -77,9 +80,6 @@ class ViTConfig:
             raise ValueError(f"ViT dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.image_size % self.patch_size:
             raise ValueError(f"ViT image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if self.max_patches_per_side != self.image_size // self.patch_size:
-            raise ValueError(f"max_patches_per_side {self.max_patches_per_side} must equal image_size // patch_size "
-                             f"= {self.image_size // self.patch_size}: one position id indexes both position tables")
         self.mean = tuple(self.mean)
         self.std = tuple(self.std)
 
@@ -225,8 +225,8 @@ class UniGenDetConfig:
     def from_name(cls, name: str, **overrides: Any) -> UniGenDetConfig:
         """A named preset with overrides: ``from_name("tiny", mot={"n_layers": 3})`` or flat ``n_layers=3``.
 
-        Flat keys are looked up in the components (``n_layers`` goes to ``mot``); a flat key that several
-        components share is ambiguous and must be given nested.
+        Flat keys are looked up in the components; ``n_layers`` means the decoder's; any other flat key that
+        several components share (``dim``, ``n_heads``, ``mlp_dim``) is ambiguous and must be given nested.
         """
         from unigendet.model.presets import PRESETS
 
@@ -266,6 +266,10 @@ _COMPONENTS = {
 }
 
 
+# flat keys that several components share but that conventionally mean the decoder's
+_FLAT_PREFERRED = {"n_layers": "mot"}
+
+
 def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in overrides.items():
@@ -273,6 +277,8 @@ def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
             out[key] = value
             continue
         owners = [c for c, cls in _COMPONENTS.items() if key in {f.name for f in dataclasses.fields(cls)}]
+        if key in _FLAT_PREFERRED:
+            owners = [_FLAT_PREFERRED[key]]
         if len(owners) != 1:
             raise ValueError(f"override {key!r} matches components {owners}; pass it nested, e.g. "
                              f"{{'{owners[0] if owners else 'mot'}': {{'{key}': ...}}}}")

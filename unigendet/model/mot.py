@@ -45,7 +45,7 @@ class Expert(nn.Module):
         self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.mlp_norm = RMSNorm(d, cfg.norm_eps)
-        self.mlp = SwiGLU(d, cfg.mlp_dim)
+        self.mlp = SwiGLU(d, cfg.mlp_dim, cfg.act)
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
 
     def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -171,6 +171,9 @@ def pack(plans: list[SamplePlan], cfg: UniGenDetConfig, generator: torch.Generat
                 n = h * w + 2
                 vit_tokens.append(patchify(img, vit_patch))
                 vit_pos.append(grid_position_ids(h, w, vit_side))
+                if int(vit_pos[-1].max()) >= cfg.vit.n_positions:
+                    raise ValueError(f"a {h}x{w} patch grid needs ViT position ids up to {int(vit_pos[-1].max())}, "
+                                     f"beyond the ViT's table of {cfg.vit.n_positions}")
                 vit_idx += range(cursor + 1, cursor + n - 1)
                 vit_lens.append(h * w)
                 _markers(text_ids, text_idx, cursor, n, tok)

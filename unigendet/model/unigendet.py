@@ -130,7 +130,7 @@ class UniGenDet(nn.Module):
         if len(latents) != len(batch.vae_grids):
             raise ValueError(f"{len(latents)} VAE inputs for {len(batch.vae_grids)} VAE splits")
         grids = batch.vae_grids.tolist()
-        return torch.cat([patchify_latent(lat, h, w, p) for lat, (h, w) in zip(latents, grids)])
+        return torch.cat([patchify_latent(lat, h, w, p) for lat, (h, w) in zip(latents, grids, strict=True)])
 
     def embed_inputs(self, batch: PackedBatch, noise: Tensor | None = None) -> dict[str, Tensor]:
         """The packed sequence entering layer 0, (T, D), plus the flow quantities of the VAE tokens."""
