@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
 
 import torch
@@ -86,7 +87,8 @@ def run(args) -> dict:
 
     def f_sorted(inp):
         xs = inp[order]
-        out = layer(xs, und.numel(), cos_s, sin_s, lambda q, k, v: attend(q, k, v, mask_sorted, "sdpa"))
+        n = und.numel()
+        out = torch.cat(layer(xs[:n], xs[n:], cos_s, sin_s, lambda q, k, v: attend(q, k, v, mask_sorted, "sdpa")))
         res = torch.empty_like(out)
         res[order] = out
         return res
@@ -95,26 +97,30 @@ def run(args) -> dict:
         a, b = f_scatter(x), f_sorted(x)
     agree = (a.float() - b.float()).abs().max().item()
 
-    def timeit(fn):
-        inp = x.clone().requires_grad_(True)
-        for _ in range(args.warmup):
-            fn(inp).float().square().mean().backward()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        for _ in range(args.iters):
-            fn(inp).float().square().mean().backward()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        ms = (time.perf_counter() - t0) / args.iters * 1e3
-        peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
-        return ms, peak
+    def step(fn, inp):
+        fn(inp).float().square().mean().backward()
 
-    (ms_a, peak_a), (ms_b, peak_b) = timeit(f_scatter), timeit(f_sorted)
+    inp = x.clone().requires_grad_(True)
+    for _ in range(args.warmup):
+        step(f_scatter, inp), step(f_sorted, inp)
+    times: dict[str, list[float]] = {"scatter": [], "sorted": []}
+    peaks: dict[str, float | None] = {}
+    for _ in range(args.iters):  # interleaved, so machine noise hits both alike; medians reported
+        for name, fn in (("scatter", f_scatter), ("sorted", f_sorted)):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            step(fn, inp)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+                peaks[name] = torch.cuda.max_memory_allocated() / 2**30
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    ms_a, ms_b = statistics.median(times["scatter"]), statistics.median(times["sorted"])
+    peak_a, peak_b = peaks.get("scatter"), peaks.get("sorted")
     return {"bench": "mot_routing", "device": args.device if dev.type != "cpu" else platform.processor() or "cpu",
             "threads": torch.get_num_threads(), "dtype": args.dtype, "dim": args.dim, "mlp": args.mlp,
-            "tokens": T, "gen_tokens": int(gen.numel()), "fwd_bwd_ms_scatter": round(ms_a, 2),
+            "tokens": T, "gen_tokens": int(gen.numel()), "iters": args.iters, "fwd_bwd_ms_scatter": round(ms_a, 2),
             "fwd_bwd_ms_sorted": round(ms_b, 2), "speedup": round(ms_a / ms_b, 3),
             "peak_gib_scatter": peak_a and round(peak_a, 3), "peak_gib_sorted": peak_b and round(peak_b, 3),
             "max_abs_diff": agree}

@@ -99,6 +99,14 @@ def test_sdpa_and_flex_paths_agree(tiny):
     _compare_backends(model, batch, noise, ("sdpa", "flex_eager"), grads=False)
 
 
+def test_per_sample_and_dense_sdpa_agree_with_gradients(tiny):
+    model = _random_model(tiny)
+    batch = pack(mixed_plans(tiny), tiny)
+    noise = torch.randn(batch.n_vae_tokens, tiny.latent_token_dim)
+    grads = _compare_backends(model, batch, noise, ("sdpa", "sdpa_dense"), grads=True)
+    assert len(grads) > 100
+
+
 @pytest.mark.gpu
 def test_sdpa_and_compiled_flex_agree_on_cuda_with_gradients(tiny):
     if not torch.cuda.is_available():

@@ -5,7 +5,10 @@
                         ``mask_mod`` and the tests' brute-force check all call it
 * ``AttentionMask``   - a layout viewed in some token order (the decoder runs its tokens sorted by expert),
                         turned into a dense bool mask (SDPA, any device) or a FlexAttention ``BlockMask`` (CUDA)
-* ``attend``          - (T, H, hd) q with (T, Hkv, hd) k/v -> (T, H*hd), GQA, either kernel
+* ``attend``          - (T, H, hd) q with (T, Hkv, hd) k/v -> (T, H*hd), GQA, with one of the kernels:
+                        ``sdpa`` (one SDPA call per sample, any device: sum(L^2) work), ``sdpa_dense`` (one call,
+                        (T, T) mask), ``flex`` (compiled block-sparse FlexAttention, CUDA) or ``flex_eager``
+                        (uncompiled FlexAttention: a CPU forward check; it has no CPU backward)
 
 Rules: tokens never see other samples; a split sees every earlier split of its sample except ``noise`` splits
 (which nobody else sees); inside a split ``causal`` is lower-triangular, ``full``/``noise`` bidirectional.
@@ -94,6 +97,7 @@ class AttentionMask:
         self.n = n
         self._dense: Tensor | None = None
         self._block = None
+        self._samples: list[tuple[Tensor, Tensor]] | None = None
 
     def dense(self) -> Tensor:
         """(T, T) bool, True = may attend."""
@@ -102,6 +106,24 @@ class AttentionMask:
             self._dense = allowed(o[:, None], o[None, :], s[:, None], s[None, :], p[:, None], p[None, :],
                                   m[:, None], m[None, :])
         return self._dense
+
+    def sample_blocks(self) -> list[tuple[Tensor, Tensor]]:
+        """Per sample: (its token rows in this order, its (L, L) bool mask). Attention never crosses samples, so
+        running it per sample costs sum(L^2) instead of T^2."""
+        if self._samples is None:
+            blocks = []
+            dense_rows = torch.argsort(self.sample, stable=True)
+            counts = torch.bincount(self.sample).tolist()
+            for rows in dense_rows.split(counts):
+                if rows.numel() == 0:
+                    continue
+                o, p, m = self.order[rows], self.split[rows], self.mode[rows]
+                s = self.sample[rows]
+                mask = allowed(o[:, None], o[None, :], s[:, None], s[None, :], p[:, None], p[None, :],
+                               m[:, None], m[None, :])
+                blocks.append((rows, mask))
+            self._samples = blocks
+        return self._samples
 
     def mask_mod(self):
         o, s, p, m = self.order, self.sample, self.split, self.mode
@@ -132,11 +154,14 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=True)
 
 
+BACKENDS = ("sdpa", "sdpa_dense", "flex", "flex_eager")
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         return "flex" if device.type == "cuda" else "sdpa"
-    if backend not in ("sdpa", "flex", "flex_eager"):
-        raise ValueError(f"unknown attention backend {backend!r}; expected auto, sdpa, flex or flex_eager")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; expected auto or one of {BACKENDS}")
     return backend
 
 
@@ -145,7 +170,16 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, backend: str = 
     backend = resolve_backend(backend, q.device)
     qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, H, T, hd)
     gqa = kh.shape[1] != qh.shape[1]
-    if backend == "sdpa":
+    if backend == "sdpa":  # one SDPA call per sample, each with its own small dense mask
+        blocks = mask.sample_blocks()
+        if len(blocks) == 1:
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask.dense(), enable_gqa=gqa)
+        else:
+            out = torch.empty_like(qh)
+            for rows, block in blocks:
+                out[:, :, rows] = F.scaled_dot_product_attention(qh[:, :, rows], kh[:, :, rows], vh[:, :, rows],
+                                                                 attn_mask=block, enable_gqa=gqa)
+    elif backend == "sdpa_dense":  # one SDPA call over the whole sequence with a (T, T) mask
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask.dense(), enable_gqa=gqa)
     else:
         from torch.nn.attention.flex_attention import flex_attention

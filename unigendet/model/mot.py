@@ -5,10 +5,10 @@ Features:
   q/k/v (bias) / o (no bias) projections, per-head q/k RMSNorm, post-attention norm and SwiGLU MLP;
 * ONE shared self-attention over the whole packed sequence (SMSA), GQA, RoPE applied after qk-norm;
 * hard routing by position, done ONCE per forward: the caller hands the decoder its tokens sorted as
-  ``[all und tokens | all gen tokens]`` (``n_und`` splits them), so every expert projection is a plain
-  matmul on a contiguous slice. The reference instead scatters each projection's output into a full-size
-  zero tensor (``new_zeros`` + index_put per projection, 7 per layer); here the only copies are the
-  concatenations that feed attention. Attention is permutation-equivariant, so the sorted order only has to
+  ``[all und tokens | all gen tokens]`` (``n_und`` splits them), and the two residual streams stay separate
+  tensors through the whole stack, so every expert op is a plain matmul on its own stream. The reference
+  instead scatters each projection's output into a full-size zero tensor (``new_zeros`` + index_put per
+  projection, 7 per layer); here the only copies are the three concatenations (q, k, v) that feed attention. Attention is permutation-equivariant, so the sorted order only has to
   be reflected in the mask and the RoPE positions (see ``attention.AttentionMask``).
 * final norms ``norm_und`` / ``norm_gen``.
 """
@@ -73,10 +73,11 @@ class MoTDecoderLayer(nn.Module):
         self.und = Expert(cfg)
         self.gen = Expert(cfg)
 
-    def forward(self, x: Tensor, n_und: int, cos: Tensor, sin: Tensor,
-                attn: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor:
-        """x: (T, D) with rows [und | gen]; cos/sin: (T, hd) in the same order; attn: (q, k, v) -> (T, H*hd)."""
-        xu, xg = x[:n_und], x[n_und:]
+    def forward(self, xu: Tensor, xg: Tensor, cos: Tensor, sin: Tensor,
+                attn: Callable[[Tensor, Tensor, Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+        """xu: (n_und, D), xg: (n_gen, D) residual streams; cos/sin: (T, hd) in [und | gen] order;
+        attn: (q, k, v) -> (T, H*hd). Only q, k, v are concatenated; everything else stays per expert."""
+        n_und = xu.shape[0]
         qu, ku, vu = self.und.qkv(xu)
         qg, kg, vg = self.gen.qkv(xg)
         q = apply_rotary(torch.cat([qu, qg]), cos, sin)  # (T, H, hd)
@@ -84,9 +85,7 @@ class MoTDecoderLayer(nn.Module):
         o = attn(q, k, torch.cat([vu, vg]))  # (T, H*hd)
         xu = xu + self.und.wo(o[:n_und])
         xg = xg + self.gen.wo(o[n_und:])
-        xu = xu + self.und.ffn(xu)
-        xg = xg + self.gen.ffn(xg)
-        return torch.cat([xu, xg])
+        return xu + self.und.ffn(xu), xg + self.gen.ffn(xg)
 
 
 class MoTDecoder(nn.Module):
@@ -119,10 +118,11 @@ class MoTDecoder(nn.Module):
 
         stop = len(self.layers) if n_layers is None else n_layers
         kept: dict[int, Tensor] = {}
+        xu, xg = x[:n_und], x[n_und:]
         for i, layer in enumerate(self.layers[:stop]):
-            x = layer(x, n_und, cos, sin, attn)
+            xu, xg = layer(xu, xg, cos, sin, attn)
             if i + 1 in keep_layers:
-                kept[i + 1] = x
+                kept[i + 1] = torch.cat([xu, xg])
         if stop == len(self.layers) and final_norm:
-            x = torch.cat([self.norm_und(x[:n_und]), self.norm_gen(x[n_und:])])
-        return x, kept
+            xu, xg = self.norm_und(xu), self.norm_gen(xg)
+        return torch.cat([xu, xg]), kept
