@@ -56,3 +56,26 @@ def mixed_plans(cfg, seed: int = 0, with_latents: bool = False):
         SamplePlan([vae(3, 1), vit(1, 3), TextSplit(ids(2)), TextSplit(ids(3), loss=True)], label=1, sample_id="d"),
         SamplePlan([TextSplit(ids(3)), vae(1, 3, noisy=True)], sample_id="e"),
     ]
+
+
+def config_diff(a, b) -> dict[str, tuple]:
+    """{"component.field": (a's value, b's value)} for every field that differs, ``name`` excluded."""
+    da, db = a.to_dict(), b.to_dict()
+    out = {}
+    for key in sorted((set(da) | set(db)) - {"name"}):
+        va, vb = da.get(key), db.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out.update({f"{key}.{f}": (va.get(f), vb.get(f)) for f in sorted(set(va) | set(vb))
+                        if va.get(f) != vb.get(f)})
+        elif va != vb:
+            out[key] = (va, vb)
+    return out
+
+
+def fixture_params() -> list:
+    """pytest params over the parity fixture folders; one skipped param with the reason when there are none."""
+    dirs = parity_fixture_dirs()
+    if not dirs:
+        reason = "no parity fixtures: set UNIGENDET_PARITY_FIXTURES or provide ../shared/fixtures/parity_*"
+        return [pytest.param(None, marks=pytest.mark.skip(reason=reason), id="no-fixtures")]
+    return [pytest.param(d, id=d.name) for d in dirs]

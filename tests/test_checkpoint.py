@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import bagel_keys_file, parity_fixture_dirs
+from tests.conftest import bagel_keys_file, config_diff, fixture_params
 from unigendet.checkpoint import (
     AE_FILE,
     INDEX,
@@ -101,20 +101,6 @@ def _assert_params_equal(model: UniGenDet, expected: dict[str, torch.Tensor], sk
     assert not bad, f"{len(bad)} parameters differ after the round trip, e.g. {bad[:5]}"
 
 
-def _cfg_diff(a: UniGenDetConfig, b: UniGenDetConfig) -> dict[str, tuple]:
-    """{"component.field": (a's value, b's value)} for every field that differs, ``name`` excluded."""
-    da, db = a.to_dict(), b.to_dict()
-    out = {}
-    for key in sorted((set(da) | set(db)) - {"name"}):
-        va, vb = da.get(key), db.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out.update({f"{key}.{f}": (va.get(f), vb.get(f)) for f in sorted(set(va) | set(vb))
-                        if va.get(f) != vb.get(f)})
-        elif va != vb:
-            out[key] = (va, vb)
-    return out
-
-
 def _layer_pattern(key: str) -> str:
     """Reference key with its decoder / ViT layer index replaced by ``{}``."""
     return re.sub(r"\.layers\.\d+\.", ".layers.{}.", key)
@@ -148,14 +134,6 @@ def _reference_keys() -> tuple[dict[str, list[int]], dict[str, list[int]]]:
             ae[name[len(AE_PREFIX):]] = json.loads(shape)
     assert net and ae and any(k.startswith("diga_mlp.") for k in net)
     return net, ae
-
-
-def _fixture_params() -> list:
-    dirs = parity_fixture_dirs()
-    if not dirs:
-        reason = "no parity fixtures: set UNIGENDET_PARITY_FIXTURES or provide ../shared/fixtures/parity_*"
-        return [pytest.param(None, marks=pytest.mark.skip(reason=reason), id="no-fixtures")]
-    return [pytest.param(d, id=d.name) for d in dirs]
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +205,7 @@ def test_round_trip_config(tmp_path, preset):
     model = UniGenDet(UniGenDetConfig.from_name(preset, **(_DEMO_SMALL if preset == "demo" else {})))
     out = save_folder(model, tmp_path / "ckpt")
     loaded, _ = load_model(out)
-    assert _cfg_diff(loaded.cfg, model.cfg) == {}
+    assert config_diff(loaded.cfg, model.cfg) == {}
     # the json files we write are the BAGEL names, with the raw SigLIP layer count (BAGEL drops the last one)
     vit = json.loads((out / "vit_config.json").read_text())
     assert vit["num_hidden_layers"] == model.cfg.vit.n_layers + 1
@@ -294,7 +272,7 @@ def test_bagel_7b_names_and_shapes_match_the_reference():
     assert ours_ae == ref_ae
 
 
-@pytest.mark.parametrize("fixture_dir", _fixture_params())
+@pytest.mark.parametrize("fixture_dir", fixture_params())
 def test_fixture_key_sets_round_trip(tmp_path, fixture_dir):
     model, _ = load_model(fixture_dir)
     out = save_folder(model, tmp_path / "ckpt")
@@ -309,7 +287,7 @@ def test_fixture_key_sets_round_trip(tmp_path, fixture_dir):
     assert [k for k in theirs_ae if not torch.equal(ours_ae[k], theirs_ae[k])] == []
 
 
-@pytest.mark.parametrize("fixture_dir", _fixture_params())
+@pytest.mark.parametrize("fixture_dir", fixture_params())
 def test_load_parity_fixture(fixture_dir):
     model, report = load_model(fixture_dir)
     assert report.missing == [] and report.unexpected == [] and report.expected_missing == []

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, bagel_keys_file, parity_fixture_dirs
+from tests.conftest import REPO, bagel_keys_file, config_diff, fixture_params, parity_fixture_dirs
 from unigendet.model.bagel_config import config_to_bagel_files, tokenizer_special_ids
 from unigendet.model.config import (
     DetHeadConfig,
@@ -29,34 +29,12 @@ from unigendet.model.presets import PRESETS
 #####################################################################################################
 
 
-def _cfg_diff(a: UniGenDetConfig, b: UniGenDetConfig) -> dict[str, tuple]:
-    """{"component.field": (a's value, b's value)} for every field that differs, ``name`` excluded."""
-    da, db = a.to_dict(), b.to_dict()
-    out = {}
-    for key in sorted((set(da) | set(db)) - {"name"}):
-        va, vb = da.get(key), db.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out.update({f"{key}.{f}": (va.get(f), vb.get(f)) for f in sorted(set(va) | set(vb))
-                        if va.get(f) != vb.get(f)})
-        elif va != vb:
-            out[key] = (va, vb)
-    return out
-
-
 def _spec_comment(prefix: str) -> dict:
     """The JSON object on bagel_keys.txt's comment line starting with ``prefix``."""
     for line in bagel_keys_file().read_text().splitlines():
         if line.startswith(prefix):
             return json.loads(line[line.index("{"):])
     raise AssertionError(f"no {prefix!r} line in {bagel_keys_file()}")
-
-
-def _fixture_params() -> list:
-    dirs = parity_fixture_dirs()
-    if not dirs:
-        reason = "no parity fixtures: set UNIGENDET_PARITY_FIXTURES or provide ../shared/fixtures/parity_*"
-        return [pytest.param(None, marks=pytest.mark.skip(reason=reason), id="no-fixtures")]
-    return [pytest.param(d, id=d.name) for d in dirs]
 
 
 def _write_folder(folder: Path, files: dict[str, dict]) -> Path:
@@ -131,7 +109,7 @@ def test_flat_override_unique_key(key, value, component):
     cfg = UniGenDetConfig.from_name("tiny", **{key: value})
     assert getattr(getattr(cfg, component), key) == value
     base = UniGenDetConfig.from_name("tiny")
-    assert set(_cfg_diff(cfg, base)) == {f"{component}.{key}"}
+    assert set(config_diff(cfg, base)) == {f"{component}.{key}"}
 
 
 def test_flat_overrides_to_several_components():
@@ -144,7 +122,7 @@ def test_nested_override_keeps_the_other_fields():
     cfg = UniGenDetConfig.from_name("tiny", vit={"n_layers": 1})
     base = UniGenDetConfig.from_name("tiny")
     assert cfg.vit.n_layers == 1
-    assert _cfg_diff(cfg, base) == {"vit.n_layers": (1, base.vit.n_layers)}
+    assert config_diff(cfg, base) == {"vit.n_layers": (1, base.vit.n_layers)}
     assert PRESETS["tiny"]["vit"]["n_layers"] == 2  # the preset table is not mutated
 
 
@@ -256,7 +234,7 @@ def test_derived_fields():
 #####################################################################################################
 
 
-@pytest.mark.parametrize("fixture_dir", _fixture_params())
+@pytest.mark.parametrize("fixture_dir", fixture_params())
 def test_from_bagel_dir_fixture(fixture_dir):
     llm = json.loads((fixture_dir / "llm_config.json").read_text())
     vit = json.loads((fixture_dir / "vit_config.json").read_text())
@@ -295,7 +273,7 @@ def test_from_bagel_dir_fixture(fixture_dir):
 
 def _round_trip_cases() -> list:
     cases = [pytest.param(name, id=name) for name in sorted(PRESETS)]
-    return _fixture_params() + cases if parity_fixture_dirs() else cases
+    return fixture_params() + cases if parity_fixture_dirs() else cases
 
 
 @pytest.mark.parametrize("source", _round_trip_cases())
@@ -304,7 +282,7 @@ def test_config_to_bagel_files_round_trip(tmp_path, source):
     folder = _write_folder(tmp_path / "exported", config_to_bagel_files(cfg))
     back = UniGenDetConfig.from_bagel_dir(folder)
     assert back.name == "exported"
-    assert _cfg_diff(back, cfg) == {}
+    assert config_diff(back, cfg) == {}
 
 
 def test_tokenizer_takes_precedence(tmp_path):

@@ -3,36 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.conftest import bagel_keys_file, fixture_params
 from unigendet.model.config import VAEConfig
 from unigendet.model.vae import FluxAutoencoder, PixelAutoencoder, build_autoencoder
 
-REPO_ROOT = Path(__file__).parents[2]
-SPEC_KEYS = REPO_ROOT.parent / "shared" / "spec" / "bagel_keys.txt"
+SPEC_KEYS = bagel_keys_file()
 TOL = 1e-4
 # the AutoEncoderParams fields of the fixture's vae_config.json, all of which VAEConfig has
 _JSON_FIELDS = ("resolution", "in_channels", "downsample", "ch", "out_ch", "ch_mult", "num_res_blocks",
                 "z_channels", "scale_factor", "shift_factor")
-
-
-def _fixture_dirs() -> list[Path]:
-    env = os.environ.get("UNIGENDET_PARITY_FIXTURES")
-    if env:
-        return [Path(p) for p in env.split(os.pathsep) if p]
-    return sorted(p for p in (REPO_ROOT.parent / "shared" / "fixtures").glob("parity_*") if p.is_dir())
-
-
-def _fixture_params() -> list:
-    dirs = _fixture_dirs()
-    if not dirs:
-        reason = "no parity fixtures: set UNIGENDET_PARITY_FIXTURES or provide ../shared/fixtures/parity_*"
-        return [pytest.param(None, marks=pytest.mark.skip(reason=reason), id="no-fixtures")]
-    return [pytest.param(d, id=d.name) for d in dirs]
 
 
 def _vae_config_from_json(path: Path) -> VAEConfig:
@@ -45,7 +29,7 @@ def _vae_config_from_json(path: Path) -> VAEConfig:
 #####################################################################################################
 
 
-@pytest.mark.parametrize("fixture_dir", _fixture_params())
+@pytest.mark.parametrize("fixture_dir", fixture_params())
 def test_flux_parity_with_reference(fixture_dir: Path) -> None:
     from safetensors.torch import load_file
 
