@@ -23,7 +23,7 @@ def _random_model(cfg, seed=0):
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
-    return model
+    return model.eval()  # no dropout anywhere; eval only makes the VAE encode deterministically (the mean)
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +174,35 @@ def test_noisy_split_does_not_leak_into_other_tokens(tiny):
         b = model(batch, noise=noise)
     assert torch.equal(a["ce"], b["ce"]) and torch.equal(a["det_logits"], b["det_logits"])
     assert not torch.allclose(a["mse"], b["mse"])
+
+
+def test_forward_hidden_stops_early_and_equals_the_full_pass(tiny):
+    cfg = UniGenDetConfig.from_name("tiny", n_layers=3)
+    model = _random_model(cfg)
+    batch = pack(mixed_plans(cfg), cfg)
+    noise = torch.randn(batch.n_vae_tokens, cfg.latent_token_dim)
+    with torch.no_grad():
+        full = model(batch, noise=noise, hidden_layers=(1, 2))
+        for layer in (1, 2):
+            assert torch.allclose(model.forward_hidden(batch, layer, noise=noise), full["hidden"][layer], atol=1e-6)
+    calls = []
+    hook = model.decoder.layers[2].register_forward_hook(lambda *a: calls.append(1))
+    model.forward_hidden(batch, 2, noise=noise)
+    hook.remove()
+    assert calls == []  # layer 3 never ran
+    with pytest.raises(ValueError):
+        model.forward_hidden(batch, 4)
+
+
+def test_training_samples_the_vae_posterior_and_eval_uses_the_mean(tiny):
+    model = _random_model(tiny)
+    batch = pack(mixed_plans(tiny), tiny)
+    model.eval()
+    a, b = model.clean_latent_tokens(batch), model.clean_latent_tokens(batch)
+    assert torch.equal(a, b)
+    model.train()
+    c = model.clean_latent_tokens(batch)
+    assert not torch.allclose(a, c)
 
 
 def test_latent_patchify_roundtrip():

@@ -119,6 +119,9 @@ class VAEConfig:
     ch: int = 128
     ch_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
+    # training encodes images by SAMPLING the posterior (the FLUX AE's and the reference's default); eval uses
+    # the mean. The pixel AE is deterministic either way.
+    sample_posterior: bool = True
 
     def __post_init__(self) -> None:
         self.ch_mult = tuple(self.ch_mult)

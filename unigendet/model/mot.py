@@ -8,8 +8,9 @@ Features:
   ``[all und tokens | all gen tokens]`` (``n_und`` splits them), and the two residual streams stay separate
   tensors through the whole stack, so every expert op is a plain matmul on its own stream. The reference
   instead scatters each projection's output into a full-size zero tensor (``new_zeros`` + index_put per
-  projection, 7 per layer); here the only copies are the three concatenations (q, k, v) that feed attention. Attention is permutation-equivariant, so the sorted order only has to
-  be reflected in the mask and the RoPE positions (see ``attention.AttentionMask``).
+  projection, 7 per layer); here the only copies are the three concatenations (q, k, v) that feed attention.
+  Attention is permutation-equivariant, so the sorted order only has to be reflected in the mask and the RoPE
+  positions (see ``attention.AttentionMask``).
 * final norms ``norm_und`` / ``norm_gen``.
 """
 

@@ -123,8 +123,10 @@ class UniGenDet(nn.Module):
         if batch.padded_latent is not None:
             latents = list(batch.padded_latent)
         elif batch.vae_images is not None:
+            sample = self.training and self.cfg.vae.sample_posterior
             with torch.no_grad():
-                latents = [self.vae.encode(img[None].to(self.vae2llm.weight.dtype))[0] for img in batch.vae_images]
+                latents = [self.vae.encode(img[None].to(self.vae2llm.weight.dtype), sample=sample)[0]
+                           for img in batch.vae_images]
         else:
             return self.vae2llm.weight.new_zeros(0, self.cfg.latent_token_dim)
         if len(latents) != len(batch.vae_grids):
@@ -211,6 +213,15 @@ class UniGenDet(nn.Module):
             out["last_hidden"] = h[inv]
             out["embeds"] = inputs["embeds"]
         return out
+
+    def forward_hidden(self, batch: PackedBatch, n_layers: int, noise: Tensor | None = None) -> Tensor:
+        """The residual stream after the first ``n_layers`` decoder layers, (T, D) in packed order, without running
+        the rest of the stack or any head (the DIGA teacher's pass)."""
+        if not 1 <= n_layers <= self.cfg.mot.n_layers:
+            raise ValueError(f"n_layers must be in 1..{self.cfg.mot.n_layers}, got {n_layers}")
+        inputs = self.embed_inputs(batch, noise)
+        _, kept, _ = self.run_decoder(batch, inputs["embeds"], hidden_layers=(n_layers,), n_layers=n_layers)
+        return kept[n_layers]
 
     def project_diga(self, hidden: Tensor) -> Tensor:
         """DIGA student projection of hidden states (N, D) -> (N, D)."""
