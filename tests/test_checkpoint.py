@@ -236,6 +236,28 @@ def test_no_tmp_files_left(tmp_path):
         p.name for p in out.iterdir()}
 
 
+def test_single_file_export_and_switching_layouts(tmp_path):
+    """``single_file`` writes one ema.safetensors (BAGEL's inference loader opens that file); re-exporting the other
+    layout into the same folder removes the stale weight files, so the loader never mixes two exports."""
+    model = _random_model("tiny")
+    out = save_folder(model, tmp_path / "ckpt", max_shard_bytes=50_000)
+    n_shards = len(list(out.glob("model-*-of-*.safetensors")))
+    assert n_shards > 1
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    save_folder(model, out, single_file=True)
+    assert (out / "ema.safetensors").exists()
+    assert not (out / INDEX).exists() and not list(out.glob("model-*-of-*.safetensors"))
+    loaded, report = load_model(out)
+    assert report.files[0] == "ema.safetensors" and not report.missing and not report.unexpected
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    save_folder(model, out, max_shard_bytes=10**9)  # back to a (one-shard) sharded layout
+    assert not (out / "ema.safetensors").exists()
+    assert [p.name for p in out.glob("model-*-of-*.safetensors")] == ["model-00001-of-00001.safetensors"]
+    loaded, _ = load_model(out)
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
 #####################################################################################################
 # Key names
 #####################################################################################################

@@ -216,35 +216,48 @@ def bagel_state_dict(model: UniGenDet) -> tuple[dict[str, Tensor], dict[str, Ten
 
 
 def save_folder(model: UniGenDet, out: str | Path, *, max_shard_bytes: int = 4 * 1024**3,
-                dtype: torch.dtype | None = None) -> Path:
-    """Write ``model`` as a UniGenDet/BAGEL folder: shards + index, ae.safetensors, json configs.
+                dtype: torch.dtype | None = None, single_file: bool = False) -> Path:
+    """Write ``model`` as a UniGenDet/BAGEL folder: weights, ae.safetensors, json configs.
 
-    Each file is written under a temporary name and renamed into place, so an interrupted export never leaves a
-    complete-looking but partial file.
+    Weights go to shards + ``model.safetensors.index.json`` (default), or with ``single_file`` to one
+    ``ema.safetensors`` (what BAGEL's own inference loader opens). Each file is written under a temporary name and
+    renamed into place, and weight files of an earlier export that the new one does not use are removed (the index
+    first), so an interrupted export never leaves a complete-looking but inconsistent folder.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     net, ae = bagel_state_dict(model)
     cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
-    shards: list[dict[str, Tensor]] = [{}]
-    size = 0
-    for key, t in net.items():
-        nbytes = t.numel() * (cast(t[:0]).element_size() if t.dim() else cast(t).element_size())
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = t
-        size += nbytes
+    if single_file:
+        (out / INDEX).unlink(missing_ok=True)
+        shards = [net]
+    else:
+        shards = [{}]
+        size = 0
+        for key, t in net.items():
+            nbytes = t.numel() * torch.empty((), dtype=t.dtype if dtype is None else dtype).element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][key] = t
+            size += nbytes
     n = len(shards)
-    weight_map, total = {}, 0
+    weight_map, total, written = {}, 0, set()
     for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        fname = SINGLE_FILES[0] if single_file else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         tensors = {k: cast(v).contiguous().cpu() for k, v in shard.items()}
         _atomic_save(tensors, out / fname)
+        written.add(fname)
         for k, v in tensors.items():
             weight_map[k] = fname
             total += v.numel() * v.element_size()
-    _atomic_write(out / INDEX, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    if not single_file:
+        _atomic_write(out / INDEX, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                              indent=2))
+    stale = [*out.glob("model-*-of-*.safetensors"), *(out / name for name in SINGLE_FILES)]
+    for path in stale:
+        if path.name not in written:
+            path.unlink(missing_ok=True)
     if ae:
         _atomic_save({k: v.contiguous().cpu() for k, v in ae.items()}, out / AE_FILE)
     for fname, content in config_to_bagel_files(model.cfg).items():
