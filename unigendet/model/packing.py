@@ -106,6 +106,7 @@ class PackedBatch:
     padded_latent: Tensor | None = None  # (n_vae_images, z, H, W), ready latents (padded to the largest)
     vae_images: list[Tensor] | None = None  # or images to encode, one (C, H, W) per VAE image
     sample_ids: list = field(default_factory=list)
+    stats: dict = field(default_factory=dict)  # data-pipeline counters travelling with the batch (skips, samples)
 
     @property
     def seq_len(self) -> int:
