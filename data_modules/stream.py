@@ -14,7 +14,9 @@ Features:
   yielded in the current loader epoch and the skip counts; ``load_state_dict`` continues with exactly the next
   samples;
 * ``__len__`` is the number of packs per loader epoch on this rank (each worker yields its share): Lightning skips
-  its one-batch prefetch only for sized loaders, which is what keeps the saved state in step with training.
+  its one-batch prefetch only for sized loaders, which is what keeps the saved state in step with training;
+* ``one_pass=True`` (evaluation): no shuffle, each record of the shard exactly once, the last pack flushed, then
+  the iterator ends (unsized).
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def record_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 class PackedStream(IterableDataset):
     def __init__(self, records: Sequence, planner: Planner, cfg: UniGenDetConfig, *, token_budget: int,
                  packs_per_epoch: int, max_sample_tokens: int | None = None, seed: int = 0, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, one_pass: bool = False) -> None:
         if token_budget < 1 or packs_per_epoch < 1:
             raise ValueError("token_budget and packs_per_epoch must be positive")
         if len(records) == 0:
@@ -81,11 +83,16 @@ class PackedStream(IterableDataset):
         self.max_sample_tokens = min(max_sample_tokens or token_budget, token_budget)
         self.packs_per_epoch, self.seed, self.shuffle = packs_per_epoch, seed, shuffle
         self.rank, self.world_size = rank, world_size
+        self.one_pass = one_pass
+        if one_pass:
+            self.shuffle = False
         self.skips = SkipCounter()
         self._state: dict[str, Any] = {"epoch": 0, "pos": 0, "pending": [], "yielded": 0}
 
     # ----------------------------------------------------------------------------------------------
     def __len__(self) -> int:
+        if self.one_pass:
+            raise TypeError("a one-pass stream has no length known in advance")
         return self.packs_per_epoch
 
     def _shard(self) -> tuple[int, int, int]:
@@ -130,6 +137,9 @@ class PackedStream(IterableDataset):
         return plans
 
     def __iter__(self) -> Iterator:
+        if self.one_pass:
+            yield from self._one_pass()
+            return
         shard, n_shards, n_workers = self._shard()
         worker = shard - self.rank * n_workers
         quota = self._quota(worker, n_workers)
@@ -181,6 +191,27 @@ class PackedStream(IterableDataset):
             st["yielded"] += 1
             yield self._collate(chosen, keys)
         st["yielded"] = 0  # the next loader epoch starts with a full quota
+
+    def _one_pass(self) -> Iterator:
+        shard, n_shards, _ = self._shard()
+        chosen, keys, tokens = [], [], 0
+        for index in self.shard_order(0, shard, n_shards):
+            key = (0, index)
+            plans = self._plan(*key)
+            if plans is None:
+                continue
+            n = plan_tokens(next(iter(plans.values())), self.cfg)
+            if n > self.max_sample_tokens:
+                self.skips.skip("too_many_tokens", self._record_id(key), f"{n} > {self.max_sample_tokens}")
+                continue
+            if chosen and tokens + n > self.token_budget:
+                yield self._collate(chosen, keys)
+                chosen, keys, tokens = [], [], 0
+            chosen.append(plans)
+            keys.append(key)
+            tokens += n
+        if chosen:
+            yield self._collate(chosen, keys)
 
     def _record_id(self, key) -> str:
         record = self.records[key[1]]

@@ -109,6 +109,18 @@ def test_resume_mid_epoch_continues_with_exactly_the_next_samples(workers):
     assert got == reference
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_one_pass_delivers_each_record_once(workers):
+    recs = records(30) + [Rec("bad", -1)]
+    ids = []
+    for rank in (0, 1):
+        ds = make(recs, rank=rank, world_size=2, one_pass=True)
+        batches = list(loader(ds, workers))
+        assert all(b.seq_len <= 48 for b in batches)
+        ids += ids_of(batches)
+    assert sorted(ids) == sorted(r.id for r in recs if r.n >= 0)
+
+
 def test_state_of_another_rank_is_refused():
     ds = make(records(), rank=0, world_size=2)
     state = ds.state_dict()
