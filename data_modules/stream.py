@@ -144,6 +144,8 @@ class PackedStream(IterableDataset):
         worker = shard - self.rank * n_workers
         quota = self._quota(worker, n_workers)
         st = self._state
+        if st["yielded"] >= quota:  # the previous loader epoch ended (a sized loader never asks past its length)
+            st["yielded"] = 0
         order = self.shard_order(st["epoch"], shard, n_shards)
         cache: dict[tuple[int, int], dict] = {}
 
@@ -190,7 +192,6 @@ class PackedStream(IterableDataset):
                     break
             st["yielded"] += 1
             yield self._collate(chosen, keys)
-        st["yielded"] = 0  # the next loader epoch starts with a full quota
 
     def _one_pass(self) -> Iterator:
         shard, n_shards, _ = self._shard()

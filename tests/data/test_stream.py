@@ -121,6 +121,14 @@ def test_one_pass_delivers_each_record_once(workers):
     assert sorted(ids) == sorted(r.id for r in recs if r.n >= 0)
 
 
+def test_each_loader_epoch_yields_its_length_even_when_not_drained():
+    """Lightning stops asking after len(loader) batches; the next epoch must still get a full quota."""
+    dl = loader(make(records(), packs_per_epoch=3))
+    for _ in range(3):
+        it = iter(dl)
+        assert [next(it) is not None for _ in range(3)] == [True] * 3
+
+
 def test_state_of_another_rank_is_refused():
     ds = make(records(), rank=0, world_size=2)
     state = ds.state_dict()

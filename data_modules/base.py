@@ -1,0 +1,124 @@
+"""Shared machinery of the streaming DataModules.
+
+* ``connect(cfg)`` fixes what only the model knows (patch sizes, latent grid, special tokens); the tokenizer is
+  checked against it;
+* loaders are torchdata ``StatefulDataLoader``s over :class:`PackedStream` (one item = one packed batch), so Lightning
+  stores their position in its checkpoints and restores it on ``fit(ckpt_path=...)``;
+* the rank and world size come from the trainer at ``setup`` (0 / 1 standalone);
+* ``packs_per_epoch`` (packed batches per rank per loader epoch) defaults to an estimate from the first records;
+* ``skip_metrics()`` sums the skip counts carried by the batches seen so far.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from data_modules.skips import SkipCounter
+from data_modules.stream import PackedStream, plan_tokens, record_generator
+from data_modules.transforms import ImageTransform, vae_transform, vit_transform
+from unigendet.model.config import UniGenDetConfig
+from unigendet.tokenizer import Tokenizer
+
+
+class StreamDataModule(L.LightningDataModule):
+    """Subclasses are dataclasses; they call ``super().__init__()`` from ``__post_init__`` and implement
+    ``records(split)`` and ``planner()``."""
+
+    def __post_init__(self) -> None:
+        super().__init__()
+        self.cfg: UniGenDetConfig | None = None
+        self.tok: Tokenizer | None = None
+        self._records: dict[str, Sequence] = {}
+        self.read_skips = SkipCounter()
+
+    # ----------------------------------------------------------------------------------------------
+    def connect(self, cfg: UniGenDetConfig) -> StreamDataModule:
+        tok = Tokenizer(self.tokenizer)
+        tok.check_config(cfg)
+        self.cfg, self.tok = cfg, tok
+        return self
+
+    def _require_connected(self) -> UniGenDetConfig:
+        if self.cfg is None:
+            raise RuntimeError(f"{type(self).__name__}.connect(model_config) must be called before use")
+        return self.cfg
+
+    def vit_tf(self) -> ImageTransform:
+        return vit_transform(self._require_connected(), min_side=self.vit_min_side, max_side=self.vit_max_side)
+
+    def vae_tf(self) -> ImageTransform:
+        return vae_transform(self._require_connected(), min_side=self.vae_min_side, max_side=self.vae_max_side)
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = getattr(self, "_trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    # ----------------------------------------------------------------------------------------------
+    def split_records(self, split: str) -> Sequence:
+        if split not in self._records:
+            self._records[split] = self.records(split)
+        return self._records[split]
+
+    def estimate_packs(self, records: Sequence, planner, budget: int, world: int, probe: int = 16) -> int:
+        """Packs per rank for one pass over ``records``, from the token counts of the first ``probe`` records."""
+        counts = []
+        skips = SkipCounter()
+        for i, rec in enumerate(records[:probe]):
+            plans = planner(rec, record_generator(self.seed, 0, i), skips)
+            if plans is not None:
+                plan = plans if not isinstance(plans, dict) else next(iter(plans.values()))
+                counts.append(plan_tokens(plan, self.cfg))
+        if not counts:
+            raise ValueError(f"none of the first {probe} records could be planned: {skips.counts}")
+        per_pack = max(1.0, budget / (sum(counts) / len(counts)))
+        return max(1, math.ceil(len(records) / world / per_pack))
+
+    def stream(self, split: str, *, budget: int, packs_per_epoch: int | None, one_pass: bool = False) -> PackedStream:
+        cfg = self._require_connected()
+        records, planner = self.split_records(split), self.planner(split)
+        rank, world = self._rank()
+        if packs_per_epoch is None and not one_pass:
+            packs_per_epoch = self.estimate_packs(records, planner, budget, world)
+        return PackedStream(records, planner, cfg, token_budget=budget, packs_per_epoch=packs_per_epoch or 1,
+                            max_sample_tokens=self.max_sample_tokens, seed=self.seed, rank=rank, world_size=world,
+                            one_pass=one_pass)
+
+    def loader(self, dataset) -> StatefulDataLoader:
+        # persistent workers break resume (torchdata/datasets reports); one item is already a packed batch
+        return StatefulDataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
+
+    @staticmethod
+    def skip_metrics(batch) -> dict[str, int]:
+        """``data/skipped/<reason>`` from a batch's stats (running counts of the worker that made it)."""
+        stats = batch.stats if hasattr(batch, "stats") else next(iter(batch.values())).stats
+        return {f"data/skipped/{k}": v for k, v in stats.get("skipped", {}).items()}
+
+
+def resolve(path: str | None, base: Path | None = None) -> Path | None:
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    return p if p.is_absolute() or base is None else base / p
+
+
+def balanced(records: Sequence, seed: int) -> list:
+    """Oversample the minority label (deterministically) so both labels are equally frequent."""
+    by_label: dict[int, list] = {}
+    for r in records:
+        by_label.setdefault(r.label, []).append(r)
+    if len(by_label) < 2:
+        return list(records)
+    target = max(len(v) for v in by_label.values())
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for label in sorted(by_label):
+        group = by_label[label]
+        extra = torch.randint(0, len(group), (target - len(group),), generator=g).tolist()
+        out += group + [group[i] for i in extra]
+    return out
