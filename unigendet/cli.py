@@ -1,8 +1,10 @@
 """Command line: ``unigendet <command> ...`` (also ``python -m unigendet``).
 
 Commands so far:
-* ``info``  - describe a preset or a BAGEL/UniGenDet folder (sizes, parameter counts per part); with ``--load``
-  stream the folder's weights in and print the load report (missing / unexpected keys, fresh heads).
+* ``info``         - describe a preset or a BAGEL/UniGenDet folder (sizes, parameter counts per part); with
+                     ``--load`` stream the folder's weights in and print the load report.
+* ``inspect-data`` - stream a detection / T2I corpus through the real readers and transforms; one JSON summary.
+* ``demo-data``    - build the embedded demo corpus.
 """
 
 from __future__ import annotations
@@ -52,6 +54,23 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect_data(argv: list[str]) -> int:
+    from data_modules.inspect import main_inspect
+
+    return main_inspect(argv)
+
+
+def _demo_data(argv: list[str]) -> int:
+    from data_modules.demo_corpus import main_demo_data
+
+    return main_demo_data(argv)
+
+
+# commands with their own argument parsers (they live in data_modules, which may import unigendet, not vice versa
+# at import time: these are imported only when called)
+DELEGATED = {"inspect-data": _inspect_data, "demo-data": _demo_data}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unigendet", description="UniGenDet: generate images and detect fakes.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,10 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--load", action="store_true", help="stream the weights in and report missing/unexpected keys")
     info.add_argument("--lenient", action="store_true", help="with --load: report mismatches instead of failing")
     info.set_defaults(func=cmd_info)
+    for name, help_text in (("inspect-data", "check a corpus before a long run (see `unigendet inspect-data -h`)"),
+                            ("demo-data", "build the embedded demo corpus (see `unigendet demo-data -h`)")):
+        sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED:
+        return DELEGATED[argv[0]](argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
