@@ -1,0 +1,175 @@
+"""``unigendet inspect-data``: stream a corpus through the training readers and transforms before a long run.
+
+Features:
+
+* **The same code path as training**: :func:`~data_modules.records.read_detection` / ``read_t2i``,
+  :func:`~data_modules.images.open_image` and the ViT + VAE transforms of the chosen preset (detection records go
+  through both, T2I records through the VAE one), so every record that would be skipped in training is skipped and
+  counted here, per reason, with one example id each.
+* **One JSON object on stdout**: ``{"delivered": N, "skipped": {reason: count}, "examples": {reason: id}}``.
+  Exit code 0 even when records were skipped; 2 when a corpus cannot be read at all (missing file, not
+  JSON / JSON Lines / Parquet, missing Parquet columns), with the message on stderr.
+* **Progress on stderr** (tqdm, records/s and the running skip count), streaming and memory-light: a 100k-image crawl
+  is read record by record, one decoded image at a time.
+
+Wiring into an argparse CLI: ``add_inspect_arguments(subparser)`` + ``subparser.set_defaults(func=cmd_inspect)``;
+or call :func:`main_inspect` with the arguments after ``inspect-data``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from data_modules.images import MAX_PIXELS, open_image
+from data_modules.records import (
+    CorpusError,
+    DetectionRecord,
+    T2IRecord,
+    load_parquet_image_bytes,
+    read_detection,
+    read_t2i,
+    t2i_image_root,
+)
+from data_modules.skips import SkipCounter
+
+DEFAULT_PRESET = "bagel-7b-mot"
+
+
+def _progress(records: Iterator, enabled: bool, desc: str, skips: SkipCounter) -> Iterator:
+    """Wrap ``records`` in a tqdm bar on stderr (records/s, running skip count)."""
+    if not enabled:
+        yield from records
+        return
+    from tqdm import tqdm
+
+    with tqdm(desc=desc, unit="rec", file=sys.stderr, mininterval=0.5, dynamic_ncols=True) as bar:
+        for i, rec in enumerate(records):
+            yield rec
+            bar.update(1)
+            if i % 64 == 0:
+                bar.set_postfix(skipped=skips.total, refresh=False)
+        bar.set_postfix(skipped=skips.total)
+
+
+def _limited(records: Iterator, limit: int | None) -> Iterator:
+    for i, rec in enumerate(records):
+        if limit is not None and i >= limit:
+            return
+        yield rec
+
+
+def inspect_data(detection: str | os.PathLike | None = None, t2i: str | os.PathLike | None = None,
+                 image_root: str | os.PathLike | None = None, cfg: Any = None, limit: int | None = None,
+                 progress: bool = True, *, image_column: str = "image", caption_column: str = "caption",
+                 max_pixels: int = MAX_PIXELS) -> dict:
+    """Stream the corpora through readers, image decoding and transforms; count what would be delivered or skipped.
+
+    Args:
+        detection: a FakeClue JSON / JSONL file.
+        t2i: a T2I metadata file, Parquet file or folder of Parquet shards.
+        image_root: the detection images' root (default: the detection file's folder). T2I metadata paths are
+            relative to the metadata file's folder.
+        cfg: a ``UniGenDetConfig`` or a preset name (default ``bagel-7b-mot``); gives the transforms' strides/bounds.
+        limit: read at most this many records (delivered or skipped) of each corpus.
+        progress: show a progress bar on stderr.
+        image_column: Parquet image column (raw bytes or a ``{"bytes": ...}`` struct).
+        caption_column: Parquet caption column.
+        max_pixels: decompression-bomb limit for one image.
+
+    Returns:
+        ``{"delivered": N, "skipped": {reason: count}, "examples": {reason: record id}}`` (records skipped by the
+        readers are included; a delivered record passed decoding and every transform).
+
+    Raises:
+        FileNotFoundError, CorpusError: a corpus cannot be read at all.
+    """
+    from data_modules.transforms import vae_transform, vit_transform
+    from unigendet.model.config import UniGenDetConfig
+
+    if detection is None and t2i is None:
+        raise ValueError("nothing to inspect: give a detection and/or a t2i corpus")
+    if cfg is None or isinstance(cfg, str):
+        cfg = UniGenDetConfig.from_name(cfg or DEFAULT_PRESET)
+    vit_tf, vae_tf = vit_transform(cfg), vae_transform(cfg)
+    skips = SkipCounter()
+    delivered = 0
+
+    if detection is not None:
+        root = Path(image_root) if image_root is not None else Path(detection).parent
+        records = _limited(read_detection(detection, skips), limit)
+        for rec in _progress(records, progress, "detection", skips):
+            rec: DetectionRecord
+            img = open_image(rec.image, skips, rec.id, root=root, max_pixels=max_pixels)
+            if img is None or vit_tf.apply(img, skips, rec.id) is None or vae_tf.apply(img, skips, rec.id) is None:
+                continue
+            delivered += 1
+
+    if t2i is not None:
+        meta_root = t2i_image_root(t2i)
+        records = _limited(read_t2i(t2i, skips, image_column=image_column, caption_column=caption_column), limit)
+        for rec in _progress(records, progress, "t2i", skips):
+            rec: T2IRecord
+            if rec.shard is not None:
+                try:
+                    source = load_parquet_image_bytes(rec.shard, rec.row, image_column)
+                except Exception as e:  # a damaged page of the shard
+                    skips.skip("unreadable_image", rec.id, f"cannot read the Parquet cell: {e}")
+                    continue
+                img = open_image(source, skips, rec.id, max_pixels=max_pixels)
+            else:
+                img = open_image(rec.image, skips, rec.id, root=meta_root, max_pixels=max_pixels)
+            if img is None or vae_tf.apply(img, skips, rec.id) is None:
+                continue
+            delivered += 1
+
+    return {"delivered": delivered, "skipped": dict(sorted(skips.counts.items())),
+            "examples": dict(sorted(skips.examples.items()))}
+
+
+#####################################################################################################
+# Command line
+#####################################################################################################
+
+
+def add_inspect_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``inspect-data`` options to ``parser`` (a subcommand parser or a standalone one)."""
+    parser.add_argument("--detection", help="FakeClue-style JSON list or JSON Lines file")
+    parser.add_argument("--image-root", help="root of the detection images (default: the detection file's folder)")
+    parser.add_argument("--t2i", help="T2I metadata JSON/JSONL, a Parquet file, or a folder of Parquet shards")
+    parser.add_argument("--preset", default=DEFAULT_PRESET,
+                        help=f"model preset whose ViT/VAE transforms are applied (default {DEFAULT_PRESET})")
+    parser.add_argument("--limit", type=int, default=None, help="read at most N records of each corpus")
+    parser.add_argument("--image-column", default="image", help="Parquet image column (default: image)")
+    parser.add_argument("--caption-column", default="caption", help="Parquet caption column (default: caption)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return parser
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Run ``inspect-data`` for parsed arguments: print the JSON report, return 0; or 2 if a corpus is unreadable."""
+    if args.detection is None and args.t2i is None:
+        print("unigendet inspect-data: error: give --detection and/or --t2i", file=sys.stderr)
+        return 2
+    try:
+        report = inspect_data(detection=args.detection, t2i=args.t2i, image_root=args.image_root, cfg=args.preset,
+                              limit=args.limit, progress=not args.no_progress, image_column=args.image_column,
+                              caption_column=args.caption_column)
+    except (CorpusError, OSError, ValueError) as e:
+        print(f"unigendet inspect-data: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report))
+    return 0
+
+
+def main_inspect(argv: list[str] | None = None) -> int:
+    """``unigendet inspect-data ARGV``: ``argv`` holds the arguments after the command; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="unigendet inspect-data",
+                                     description="Stream a corpus through the training readers and transforms and "
+                                                 "print one JSON report of delivered and skipped records.")
+    return cmd_inspect(add_inspect_arguments(parser).parse_args(argv))
