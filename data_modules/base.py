@@ -6,7 +6,8 @@
   stores their position in its checkpoints and restores it on ``fit(ckpt_path=...)``;
 * the rank and world size come from the trainer at ``setup`` (0 / 1 standalone);
 * ``packs_per_epoch`` (packed batches per rank per loader epoch) defaults to an estimate from the first records;
-* ``skip_metrics()`` sums the skip counts carried by the batches seen so far.
+* ``skip_metrics(batch)`` adds the skips found while reading the records to the running counts each loader
+  worker attaches to its batches: the corpus-wide ``data/skipped/<reason>`` so far.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class StreamDataModule(L.LightningDataModule):
         self.tok: Tokenizer | None = None
         self._records: dict[str, Sequence] = {}
         self.read_skips = SkipCounter()
+        self._shard_skips: dict[tuple[str, int], dict[str, int]] = {}
 
     # ----------------------------------------------------------------------------------------------
     def connect(self, cfg: UniGenDetConfig) -> StreamDataModule:
@@ -93,11 +95,17 @@ class StreamDataModule(L.LightningDataModule):
         # persistent workers break resume (torchdata/datasets reports); one item is already a packed batch
         return StatefulDataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
 
-    @staticmethod
-    def skip_metrics(batch) -> dict[str, int]:
-        """``data/skipped/<reason>`` from a batch's stats (running counts of the worker that made it)."""
-        stats = batch.stats if hasattr(batch, "stats") else next(iter(batch.values())).stats
-        return {f"data/skipped/{k}": v for k, v in stats.get("skipped", {}).items()}
+    def skip_metrics(self, batch) -> dict[str, int]:
+        """``data/skipped/<reason>``: skips found reading the records plus the latest running counts of every
+        (stream, shard) seen in batches so far. ``batch`` is a PackedBatch or a dict of them."""
+        for name, b in (batch.items() if isinstance(batch, dict) else [("", batch)]):
+            if "shard" in b.stats:
+                self._shard_skips[(name, b.stats["shard"])] = dict(b.stats.get("skipped", {}))
+        total = SkipCounter()
+        total.merge(self.read_skips)
+        for counts in self._shard_skips.values():
+            total.counts.update(counts)
+        return total.metrics()
 
 
 def resolve(path: str | None, base: Path | None = None) -> Path | None:

@@ -223,5 +223,6 @@ class PackedStream(IterableDataset):
         batches = {name: pack([c[name] for c in chosen], self.cfg) for name in names}
         for b in batches.values():
             # records: (record epoch, record index) of each sample; skipped: this worker's running skip counts
-            b.stats = {"skipped": dict(self.skips.counts), "samples": len(chosen), "records": list(keys)}
+            b.stats = {"skipped": dict(self.skips.counts), "samples": len(chosen), "records": list(keys),
+                       "shard": self._shard()[0]}
         return batches[""] if names == [""] else batches

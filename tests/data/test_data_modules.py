@@ -109,14 +109,20 @@ def test_detection_batches_follow_the_method_layout(corpus):
         assert text.startswith("This is a real" if label else "This is a fake"), text
 
 
-def test_bad_records_are_counted_not_fatal(corpus):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_records_are_counted_not_fatal(corpus, workers):
     root, cfg = corpus
-    dm = det_dm(root, cfg)
+    dm = det_dm(root, cfg, num_workers=workers, packs_per_epoch=8)
     batches = list(dm.train_dataloader())
+    metrics = [dm.skip_metrics(b) for b in batches]
     assert dict(dm.read_skips.counts) == {"bad_label": 1}  # found while reading
     seen = {k for b in batches for k in b.stats["skipped"]}
     assert seen == {"missing_file"}  # found while decoding, inside the stream
-    assert DetectionDataModule.skip_metrics(batches[-1]) == {"data/skipped/missing_file": 1}
+    # corpus-wide totals across workers (the missing file is in one worker's shard, found once per record epoch)
+    assert metrics[0]["data/skipped/bad_label"] == 1
+    assert metrics[-1] == {"data/skipped/missing_file": metrics[-1]["data/skipped/missing_file"],
+                           "data/skipped/bad_label": 1}
+    assert metrics[-1]["data/skipped/missing_file"] >= 1
 
 
 def test_without_smsa_drops_the_vae_split(corpus):
