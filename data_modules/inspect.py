@@ -64,10 +64,57 @@ def _limited(records: Iterator, limit: int | None) -> Iterator:
         yield rec
 
 
+def _check_chunk(kind: str, records: list, root: Path | None, cfg: Any, max_pixels: int,
+                 image_column: str) -> tuple[int, dict]:
+    """Decode and transform one chunk of records (in a worker process, or inline): (delivered, skip state)."""
+    from data_modules.transforms import vae_transform, vit_transform
+
+    skips = SkipCounter()
+    vit_tf, vae_tf = vit_transform(cfg), vae_transform(cfg)
+    delivered = 0
+    for rec in records:
+        if kind == "detection":
+            rec: DetectionRecord
+            img = open_image(rec.image, skips, rec.id, root=root, max_pixels=max_pixels)
+            ok = img is not None and vit_tf.apply(img, skips, rec.id) is not None \
+                and vae_tf.apply(img, skips, rec.id) is not None
+        else:
+            rec: T2IRecord
+            if rec.shard is not None:
+                try:
+                    source = load_parquet_image_bytes(rec.shard, rec.row, image_column)
+                except Exception as e:  # a damaged page of the shard: that record is skipped, counted
+                    skips.skip("unreadable_image", rec.id, f"cannot read the Parquet cell: {e}")
+                    continue
+                img = open_image(source, skips, rec.id, max_pixels=max_pixels)
+            else:
+                img = open_image(rec.image, skips, rec.id, root=root, max_pixels=max_pixels)
+            ok = img is not None and vae_tf.apply(img, skips, rec.id) is not None
+        delivered += ok
+    return delivered, skips.state_dict()
+
+
+def _quiet_worker() -> None:
+    import logging
+
+    logging.getLogger("unigendet.data").setLevel(logging.ERROR)  # the main process logs each new reason once
+
+
+def _chunks(records: Iterator, size: int) -> Iterator[list]:
+    chunk = []
+    for rec in records:
+        chunk.append(rec)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 def inspect_data(detection: str | os.PathLike | None = None, t2i: str | os.PathLike | None = None,
                  image_root: str | os.PathLike | None = None, cfg: Any = None, limit: int | None = None,
                  progress: bool = True, *, image_column: str = "image", caption_column: str = "caption",
-                 max_pixels: int = MAX_PIXELS) -> dict:
+                 max_pixels: int = MAX_PIXELS, workers: int = 0, chunk_size: int = 64) -> dict:
     """Stream the corpora through readers, image decoding and transforms; count what would be delivered or skipped.
 
     Args:
@@ -81,6 +128,8 @@ def inspect_data(detection: str | os.PathLike | None = None, t2i: str | os.PathL
         image_column: Parquet image column (raw bytes or a ``{"bytes": ...}`` struct).
         caption_column: Parquet caption column.
         max_pixels: decompression-bomb limit for one image.
+        workers: decode in this many processes (0: in this process). Results do not depend on it.
+        chunk_size: records per task sent to a worker.
 
     Returns:
         ``{"delivered": N, "skipped": {reason: count}, "examples": {reason: record id}}`` (records skipped by the
@@ -89,47 +138,55 @@ def inspect_data(detection: str | os.PathLike | None = None, t2i: str | os.PathL
     Raises:
         FileNotFoundError, CorpusError: a corpus cannot be read at all.
     """
-    from data_modules.transforms import vae_transform, vit_transform
+    from concurrent.futures import ProcessPoolExecutor
+
     from unigendet.model.config import UniGenDetConfig
 
     if detection is None and t2i is None:
         raise ValueError("nothing to inspect: give a detection and/or a t2i corpus")
     if cfg is None or isinstance(cfg, str):
         cfg = UniGenDetConfig.from_name(cfg or DEFAULT_PRESET)
-    vit_tf, vae_tf = vit_transform(cfg), vae_transform(cfg)
     skips = SkipCounter()
     delivered = 0
-
+    jobs = []
     if detection is not None:
         root = Path(image_root) if image_root is not None else Path(detection).parent
-        records = _limited(read_detection(detection, skips), limit)
-        for rec in _progress(records, progress, "detection", skips):
-            rec: DetectionRecord
-            img = open_image(rec.image, skips, rec.id, root=root, max_pixels=max_pixels)
-            if img is None or vit_tf.apply(img, skips, rec.id) is None or vae_tf.apply(img, skips, rec.id) is None:
-                continue
-            delivered += 1
-
+        jobs.append(("detection", _limited(read_detection(detection, skips), limit), root))
     if t2i is not None:
-        meta_root = t2i_image_root(t2i)
         records = _limited(read_t2i(t2i, skips, image_column=image_column, caption_column=caption_column), limit)
-        for rec in _progress(records, progress, "t2i", skips):
-            rec: T2IRecord
-            if rec.shard is not None:
-                try:
-                    source = load_parquet_image_bytes(rec.shard, rec.row, image_column)
-                except Exception as e:  # a damaged page of the shard
-                    skips.skip("unreadable_image", rec.id, f"cannot read the Parquet cell: {e}")
-                    continue
-                img = open_image(source, skips, rec.id, max_pixels=max_pixels)
-            else:
-                img = open_image(rec.image, skips, rec.id, root=meta_root, max_pixels=max_pixels)
-            if img is None or vae_tf.apply(img, skips, rec.id) is None:
-                continue
-            delivered += 1
+        jobs.append(("t2i", records, t2i_image_root(t2i)))
 
+    pool = ProcessPoolExecutor(workers, initializer=_quiet_worker) if workers > 0 else None
+    try:
+        for kind, records, root in jobs:
+            chunks = _chunks(_progress(records, progress, kind, skips), chunk_size)
+            args = (root, cfg, max_pixels, image_column)
+            if pool is None:
+                results = (_check_chunk(kind, c, *args) for c in chunks)
+            else:  # in order, a bounded number of chunks in flight
+                results = _ordered(pool, kind, chunks, args, depth=4 * workers)
+            for n, state in results:
+                delivered += n
+                part = SkipCounter()
+                part.load_state_dict(state)
+                skips.merge(part, log_new=pool is not None)  # workers are quiet; new reasons are logged here
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     return {"delivered": delivered, "skipped": dict(sorted(skips.counts.items())),
             "examples": dict(sorted(skips.examples.items()))}
+
+
+def _ordered(pool, kind: str, chunks: Iterator[list], args: tuple, depth: int):
+    from collections import deque
+
+    pending: deque = deque()
+    for chunk in chunks:
+        pending.append(pool.submit(_check_chunk, kind, chunk, *args))
+        if len(pending) >= depth:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 #####################################################################################################
@@ -148,6 +205,10 @@ def add_inspect_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--image-column", default="image", help="Parquet image column (default: image)")
     parser.add_argument("--caption-column", default="caption", help="Parquet caption column (default: caption)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    cpus = os.cpu_count() or 1
+    parser.add_argument("--workers", type=int, default=min(8, cpus) if cpus > 2 else 0,
+                        help="processes decoding images (default: min(8, CPUs) on machines with more than 2 CPUs, "
+                             "else 0 = in this process)")
     return parser
 
 
@@ -159,7 +220,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     try:
         report = inspect_data(detection=args.detection, t2i=args.t2i, image_root=args.image_root, cfg=args.preset,
                               limit=args.limit, progress=not args.no_progress, image_column=args.image_column,
-                              caption_column=args.caption_column)
+                              caption_column=args.caption_column, workers=args.workers)
     except (CorpusError, OSError, ValueError) as e:
         print(f"unigendet inspect-data: error: {e}", file=sys.stderr)
         return 2

@@ -48,7 +48,13 @@ class SkipCounter:
     def total(self) -> int:
         return sum(self.counts.values())
 
-    def merge(self, other: SkipCounter) -> SkipCounter:
+    def merge(self, other: SkipCounter, log_new: bool = False) -> SkipCounter:
+        """Add ``other``'s counts; with ``log_new``, log each reason this counter had not seen yet (once)."""
+        if log_new:
+            for reason in other.counts:
+                if reason not in self.counts:
+                    log.warning("skipping record %s: %s (further '%s' skips are counted, not logged)",
+                                other.examples.get(reason, "?"), reason, reason)
         self.counts.update(other.counts)
         for reason, ex in other.examples.items():
             self.examples.setdefault(reason, ex)

@@ -499,6 +499,15 @@ def test_inspect_data_cli_reports_one_json_object(small_corpus, capsys):
     assert "rec" in err  # the progress bar went to stderr
 
 
+def test_inspect_data_with_worker_processes_reports_the_same(small_corpus):
+    det, root, shard = small_corpus
+    inline = inspect_data(detection=det, image_root=root, t2i=shard, cfg="demo", progress=False, workers=0)
+    pooled = inspect_data(detection=det, image_root=root, t2i=shard, cfg="demo", progress=False, workers=2,
+                          chunk_size=2)
+    assert pooled == inline
+    assert inline["skipped"] == EXPECTED_SKIPS and inline["delivered"] == 5
+
+
 def test_inspect_data_image_too_small_and_limit(small_corpus, tmp_path):
     det, root, _ = small_corpus
     det2 = tmp_path / "tiny.json"
