@@ -33,11 +33,26 @@ CAUSAL, FULL, NOISE = 0, 1, 2
 
 @dataclass
 class SequenceLayout:
-    """Per-token ids of a packed sequence, in the original (packed) token order."""
+    """Per-token ids of a packed sequence. ``index`` is each token's position in the ORIGINAL (packed) order, which
+    the causal rule compares; tokens may be listed in any order (``select``), and a KV cache's layout can be
+    concatenated with the layout of new tokens (``cat``) as long as new tokens get larger indexes and splits."""
 
     sample: Tensor  # (T,) sample index
     split: Tensor  # (T,) global split index, increasing along the sequence
     mode: Tensor  # (T,) mode of the token's split (CAUSAL / FULL / NOISE)
+    index: Tensor | None = None  # (T,) original position; arange(T) when None
+
+    def __post_init__(self) -> None:
+        if self.index is None:
+            self.index = torch.arange(self.sample.numel(), device=self.sample.device)
+
+    def select(self, rows: Tensor) -> SequenceLayout:
+        return SequenceLayout(self.sample[rows], self.split[rows], self.mode[rows], self.index[rows])
+
+    @staticmethod
+    def cat(layouts: list[SequenceLayout]) -> SequenceLayout:
+        return SequenceLayout(*(torch.cat([getattr(x, f) for x in layouts]) for f in ("sample", "split", "mode",
+                                                                                          "index")))
 
     @classmethod
     def build(cls, sample_lens: list[int], split_lens: list[int], split_modes: list[str],
@@ -86,50 +101,46 @@ def allowed(q_pos: Tensor, k_pos: Tensor, q_sample: Tensor, k_sample: Tensor, q_
 
 
 class AttentionMask:
-    """The mask of ``layout`` for tokens taken in the order ``order`` (order[i] = original index of token i)."""
+    """Which key may each query see. Queries are the tokens of ``layout`` in the order ``order`` (order[i] = row of
+    the layout for query i; identity when None); keys are the same tokens, or ``kv`` (e.g. a KV cache's tokens
+    followed by the new ones)."""
 
-    def __init__(self, layout: SequenceLayout, order: Tensor | None = None) -> None:
-        n = len(layout)
-        self.order = torch.arange(n, device=layout.sample.device) if order is None else order
-        self.sample = layout.sample[self.order]
-        self.split = layout.split[self.order]
-        self.mode = layout.mode[self.order]
-        self.n = n
+    def __init__(self, layout: SequenceLayout, order: Tensor | None = None, kv: SequenceLayout | None = None) -> None:
+        self.q = layout if order is None else layout.select(order)
+        self.kv = self.q if kv is None else kv
+        self.n_q, self.n_kv = len(self.q), len(self.kv)
         self._dense: Tensor | None = None
         self._block = None
-        self._samples: list[tuple[Tensor, Tensor]] | None = None
+        self._samples: list[tuple[Tensor, Tensor, Tensor]] | None = None
+
+    @staticmethod
+    def _rule(q: SequenceLayout, k: SequenceLayout) -> Tensor:
+        return allowed(q.index[:, None], k.index[None, :], q.sample[:, None], k.sample[None, :], q.split[:, None],
+                       k.split[None, :], q.mode[:, None], k.mode[None, :])
 
     def dense(self) -> Tensor:
-        """(T, T) bool, True = may attend."""
+        """(n_q, n_kv) bool, True = may attend."""
         if self._dense is None:
-            o, s, p, m = self.order, self.sample, self.split, self.mode
-            self._dense = allowed(o[:, None], o[None, :], s[:, None], s[None, :], p[:, None], p[None, :],
-                                  m[:, None], m[None, :])
+            self._dense = self._rule(self.q, self.kv)
         return self._dense
 
-    def sample_blocks(self) -> list[tuple[Tensor, Tensor]]:
-        """Per sample: (its token rows in this order, its (L, L) bool mask). Attention never crosses samples, so
-        running it per sample costs sum(L^2) instead of T^2."""
+    def sample_blocks(self) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Per sample: (its query rows, its key columns, their bool mask). Attention never crosses samples, so
+        running it per sample costs sum(Lq * Lk) instead of n_q * n_kv."""
         if self._samples is None:
-            blocks = []
-            dense_rows = torch.argsort(self.sample, stable=True)
-            counts = torch.bincount(self.sample).tolist()
-            for rows in dense_rows.split(counts):
-                if rows.numel() == 0:
-                    continue
-                o, p, m = self.order[rows], self.split[rows], self.mode[rows]
-                s = self.sample[rows]
-                mask = allowed(o[:, None], o[None, :], s[:, None], s[None, :], p[:, None], p[None, :],
-                               m[:, None], m[None, :])
-                blocks.append((rows, mask))
-            self._samples = blocks
+            n = int(max(self.q.sample.max(), self.kv.sample.max())) + 1 if self.n_q and self.n_kv else 0
+            q_rows, k_cols = (torch.argsort(t.sample, stable=True).split(torch.bincount(t.sample, minlength=n).tolist())
+                              for t in (self.q, self.kv))
+            self._samples = [(rows, cols, self._rule(self.q.select(rows), self.kv.select(cols)))
+                             for rows, cols in zip(q_rows, k_cols, strict=True) if rows.numel()]
         return self._samples
 
     def mask_mod(self):
-        o, s, p, m = self.order, self.sample, self.split, self.mode
+        q, k = self.q, self.kv
 
-        def mod(b, h, q, k):
-            return allowed(o[q], o[k], s[q], s[k], p[q], p[k], m[q], m[k])
+        def mod(b, h, qi, ki):
+            return allowed(q.index[qi], k.index[ki], q.sample[qi], k.sample[ki], q.split[qi], k.split[ki],
+                           q.mode[qi], k.mode[ki])
 
         return mod
 
@@ -137,8 +148,8 @@ class AttentionMask:
         if self._block is None:
             from torch.nn.attention.flex_attention import create_block_mask
 
-            self._block = create_block_mask(self.mask_mod(), None, None, self.n, self.n,
-                                            device=self.order.device, BLOCK_SIZE=block_size)
+            self._block = create_block_mask(self.mask_mod(), None, None, self.n_q, self.n_kv,
+                                            device=self.q.sample.device, BLOCK_SIZE=block_size)
         return self._block
 
 
@@ -166,20 +177,20 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, backend: str = "auto") -> Tensor:
-    """q: (T, H, hd), k/v: (T, Hkv, hd) -> (T, H * hd). GQA when Hkv < H. Scale 1/sqrt(hd)."""
+    """q: (Nq, H, hd), k/v: (Nk, Hkv, hd) -> (Nq, H * hd). GQA when Hkv < H. Scale 1/sqrt(hd)."""
     backend = resolve_backend(backend, q.device)
-    qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, H, T, hd)
+    qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, H, N, hd)
     gqa = kh.shape[1] != qh.shape[1]
     if backend == "sdpa":  # one SDPA call per sample, each with its own small dense mask
         blocks = mask.sample_blocks()
-        if len(blocks) == 1:
+        if len(blocks) == 1 and blocks[0][0].numel() == mask.n_q and blocks[0][1].numel() == mask.n_kv:
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask.dense(), enable_gqa=gqa)
         else:
-            out = torch.empty_like(qh)
-            for rows, block in blocks:
-                out[:, :, rows] = F.scaled_dot_product_attention(qh[:, :, rows], kh[:, :, rows], vh[:, :, rows],
+            out = qh.new_zeros(qh.shape)
+            for rows, cols, block in blocks:
+                out[:, :, rows] = F.scaled_dot_product_attention(qh[:, :, rows], kh[:, :, cols], vh[:, :, cols],
                                                                  attn_mask=block, enable_gqa=gqa)
-    elif backend == "sdpa_dense":  # one SDPA call over the whole sequence with a (T, T) mask
+    elif backend == "sdpa_dense":  # one SDPA call over everything with an (Nq, Nk) mask
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask.dense(), enable_gqa=gqa)
     else:
         from torch.nn.attention.flex_attention import flex_attention
