@@ -44,10 +44,10 @@ from PIL import Image
 
 from data_modules import explain as ex
 from data_modules import fakes
+from unigendet.tokenizer import SPECIAL_TOKENS, train_bpe
 
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
-SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
 VOCAB_SIZE = 2048  # the demo preset's vocabulary: ordinary tokens first, the special tokens last
 SIDE_STEP = 8  # 8x8 pixels per VAE token (pixel AE 4x, latent patch 2) and ViT patch 8 in the demo preset
 MIN_CROP_STD = 0.03  # crops flatter than this (black retina corners, empty sky) are re-drawn
@@ -259,23 +259,7 @@ def _make_item(family: str, index: int, split: str, seed: int, sampler: CropSamp
 
 def train_tokenizer(texts: list[str], path: Path) -> None:
     """Byte-level BPE on ``texts``: exactly ``VOCAB_SIZE - 4`` ordinary tokens, then the special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    n_ordinary = VOCAB_SIZE - len(SPECIAL_TOKENS)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=n_ordinary, min_frequency=2, show_progress=False, special_tokens=[],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer=trainer)
-    # A small corpus runs out of merges: pad with reserved (never produced) tokens so the special ids stay fixed.
-    missing = n_ordinary - tok.get_vocab_size(with_added_tokens=True)
-    if missing > 0:
-        tok.add_tokens([f"<|reserved_{k}|>" for k in range(missing)])
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
-    ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
-    assert ids == list(range(n_ordinary, VOCAB_SIZE)), ids
-    tok.save(str(path))
+    train_bpe(texts, path, VOCAB_SIZE)
 
 
 def _versions() -> dict[str, str]:
@@ -408,7 +392,7 @@ def build_demo_corpus(out: Path, seed: int = 0, n_real: int = FULL["n_real"],
         "seed": seed, "n_real": n_real, "n_fake_per_family": n_fake_per_family, "size_range": list(size_range),
         "counts": counts, "t2i": t2i_counts, "n_detection_images": n_images, "image_bytes": n_bytes,
         "families": ["real", *fakes.FAMILIES], "sources": [s.name for s in SOURCES],
-        "special_tokens": {t: VOCAB_SIZE - len(SPECIAL_TOKENS) + i for i, t in enumerate(SPECIAL_TOKENS)},
+        "special_tokens": {t: VOCAB_SIZE - len(SPECIAL_TOKENS) + i for i, t in enumerate(SPECIAL_TOKENS.values())},
         "versions": _versions(),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")

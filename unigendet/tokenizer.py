@@ -52,3 +52,34 @@ class Tokenizer:
         if self.vocab_size > cfg.mot.vocab_size:
             raise ValueError(f"tokenizer {self.path} has {self.vocab_size} tokens, the model only "
                              f"{cfg.mot.vocab_size}")
+
+
+def train_bpe(texts: list[str], path: str | Path, vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    """Train a byte-level BPE tokenizer with exactly ``vocab_size - 4`` ordinary tokens followed by the four special
+    tokens (ids ``vocab_size - 4 .. vocab_size - 1``, in SPECIAL_TOKENS order), and save it to ``path``.
+
+    A small corpus runs out of merges: the vocabulary is then padded with reserved tokens that the pre-tokenizer never
+    produces, so the special ids stay where the model config expects them.
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    n_ordinary = vocab_size - len(SPECIAL_TOKENS)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if n_ordinary < len(alphabet):
+        raise ValueError(f"a byte-level vocabulary needs at least {len(alphabet) + 4} tokens, got {vocab_size}")
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=n_ordinary, min_frequency=min_frequency, show_progress=False,
+                                  special_tokens=[], initial_alphabet=alphabet)
+    tok.train_from_iterator(texts, trainer=trainer)
+    missing = n_ordinary - tok.get_vocab_size(with_added_tokens=True)
+    if missing > 0:
+        tok.add_tokens([f"<|reserved_{k}|>" for k in range(missing)])
+    tok.add_special_tokens(list(SPECIAL_TOKENS.values()))
+    ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS.values()]
+    if ids != list(range(n_ordinary, vocab_size)):
+        raise RuntimeError(f"special tokens landed at {ids}, expected {n_ordinary}..{vocab_size - 1}")
+    tok.save(str(path))
+    return Tokenizer(path)
