@@ -17,15 +17,28 @@ Features:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from unigendet.model.attention import AttentionMask, attend
+from unigendet.model.attention import AttentionMask, SequenceLayout, attend
 from unigendet.model.config import MoTConfig
 from unigendet.model.layers import RMSNorm, SwiGLU, apply_rotary, rotary_cos_sin
 
 EXPERTS = ("und", "gen")
+
+
+@dataclass
+class KVCache:
+    """Keys and values of already-processed tokens, per layer (after RoPE and qk-norm), with their mask layout."""
+
+    layout: SequenceLayout
+    keys: list[Tensor]  # per layer (N, Hkv, hd)
+    values: list[Tensor]
+
+    def __len__(self) -> int:
+        return len(self.layout)
 
 #####################################################################################################
 # One expert of one layer
@@ -99,31 +112,46 @@ class MoTDecoder(nn.Module):
 
     def forward(self, x: Tensor, n_und: int, position_ids: Tensor, mask: AttentionMask, *,
                 backend: str = "auto", keep_layers: tuple[int, ...] = (), n_layers: int | None = None,
-                final_norm: bool = True) -> tuple[Tensor, dict[int, Tensor]]:
+                final_norm: bool = True, cache: KVCache | None = None,
+                store: bool = False) -> tuple[Tensor, dict[int, Tensor], KVCache | None]:
         """Run the decoder on tokens sorted [und | gen].
 
         Args:
             x: (T, D) input embeddings in sorted order.
             n_und: number of und tokens (the first rows).
             position_ids: (T,) RoPE positions in sorted order.
-            mask: the attention mask in sorted order.
+            mask: the attention mask; queries are these tokens, keys are ``cache`` (if any) followed by them.
             keep_layers: return the residual stream after these layers (1-based counts), before any norm.
             n_layers: stop after this many layers (DIGA teacher); the final norm is then skipped.
+            cache: keys/values of earlier tokens (inference), attended to but not recomputed.
+            store: also return the keys/values of cache + these tokens (``mask.kv`` is their layout).
         Returns:
-            (T, D) final states (normed when the whole stack ran and ``final_norm``), and {layer: (T, D)}.
+            (T, D) final states (normed when the whole stack ran and ``final_norm``), {layer: (T, D)}, and the
+            extended cache when ``store``.
         """
         cos, sin = rotary_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        keys: list[Tensor] = []
+        values: list[Tensor] = []
 
-        def attn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            return attend(q, k, v, mask, backend)
+        def attn_for(i: int):
+            def attn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+                if cache is not None:
+                    k, v = torch.cat([cache.keys[i], k]), torch.cat([cache.values[i], v])
+                if store:
+                    keys.append(k)
+                    values.append(v)
+                return attend(q, k, v, mask, backend)
+
+            return attn
 
         stop = len(self.layers) if n_layers is None else n_layers
         kept: dict[int, Tensor] = {}
         xu, xg = x[:n_und], x[n_und:]
         for i, layer in enumerate(self.layers[:stop]):
-            xu, xg = layer(xu, xg, cos, sin, attn)
+            xu, xg = layer(xu, xg, cos, sin, attn_for(i))
             if i + 1 in keep_layers:
                 kept[i + 1] = torch.cat([xu, xg])
         if stop == len(self.layers) and final_norm:
             xu, xg = self.norm_und(xu), self.norm_gen(xg)
-        return torch.cat([xu, xg]), kept
+        new_cache = KVCache(mask.kv, keys, values) if store else None
+        return torch.cat([xu, xg]), kept, new_cache

@@ -28,7 +28,7 @@ from unigendet.model.attention import AttentionMask, SequenceLayout
 from unigendet.model.config import UniGenDetConfig
 from unigendet.model.heads import DetectionHead, DigaProjector, TimestepEmbedder
 from unigendet.model.layers import MLP2, PosEmbed2D
-from unigendet.model.mot import MoTDecoder
+from unigendet.model.mot import KVCache, MoTDecoder
 from unigendet.model.packing import PackedBatch
 from unigendet.model.vae import build_autoencoder
 from unigendet.model.vit import ViT
@@ -163,24 +163,40 @@ class UniGenDet(nn.Module):
     # Forward
     # ----------------------------------------------------------------------------------------------
     def run_decoder(self, batch: PackedBatch, x: Tensor, *, hidden_layers: Sequence[int] = (),
-                    n_layers: int | None = None) -> tuple[Tensor, dict[int, Tensor], Tensor]:
-        """Decoder over the packed embeddings x (T, D), original order in and out.
+                    n_layers: int | None = None, store: bool = False):
+        """Decoder over the packed embeddings x (T, D) of ``batch``; see ``decode``."""
+        is_gen = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        is_gen[batch.vae_indexes] = True
+        layout = SequenceLayout.build(batch.sample_lens, batch.split_lens, batch.split_modes, device=x.device)
+        return self.decode(x, is_gen, batch.position_ids.to(x.device), layout, hidden_layers=hidden_layers,
+                           n_layers=n_layers, store=store)
 
-        Returns (final states in SORTED [und | gen] order, {layer: states in original order}, inv_order) where
-        ``inv_order[i]`` is the sorted row of original token i.
+    def decode(self, x: Tensor, is_gen: Tensor, position_ids: Tensor, layout: SequenceLayout, *,
+               cache: KVCache | None = None, store: bool = False, hidden_layers: Sequence[int] = (),
+               n_layers: int | None = None) -> tuple[Tensor, dict[int, Tensor], Tensor, KVCache | None]:
+        """The decoder over tokens given in any order, optionally after a KV cache.
+
+        Args:
+            x: (T, D) input embeddings; is_gen: (T,) which tokens use the gen expert; position_ids: (T,) RoPE
+                positions; layout: the tokens' mask layout (``index`` must exceed every cached index).
+            cache: keys/values of earlier tokens these may attend to (inference).
+            store: return the cache extended by these tokens.
+        Returns:
+            (final states in SORTED [und | gen] order, {layer: states in input order}, inv_order, cache or None),
+            where ``inv_order[i]`` is the sorted row of input token i.
         """
         T = x.shape[0]
-        is_gen = torch.zeros(T, dtype=torch.bool, device=x.device)
-        is_gen[batch.vae_indexes] = True
         order = torch.cat([(~is_gen).nonzero().squeeze(1), is_gen.nonzero().squeeze(1)])
         inv = torch.empty_like(order)
         inv[order] = torch.arange(T, device=x.device)
-        n_und = T - batch.vae_indexes.numel()
-        layout = SequenceLayout.build(batch.sample_lens, batch.split_lens, batch.split_modes, device=x.device)
-        mask = AttentionMask(layout, order)
-        h, kept = self.decoder(x[order], n_und, batch.position_ids.to(x.device)[order], mask,
-                               backend=self.attn_backend, keep_layers=tuple(hidden_layers), n_layers=n_layers)
-        return h, {layer: s[inv] for layer, s in kept.items()}, inv
+        n_und = T - int(is_gen.sum())
+        q_layout = layout.select(order)
+        kv_layout = None if cache is None else SequenceLayout.cat([cache.layout, q_layout])
+        mask = AttentionMask(q_layout, kv=kv_layout)
+        h, kept, new_cache = self.decoder(x[order], n_und, position_ids[order], mask, backend=self.attn_backend,
+                                          keep_layers=tuple(hidden_layers), n_layers=n_layers, cache=cache,
+                                          store=store)
+        return h, {layer: s[inv] for layer, s in kept.items()}, inv, new_cache
 
     def forward(self, batch: PackedBatch, noise: Tensor | None = None, *, hidden_layers: Sequence[int] = (),
                 return_hidden: bool = False) -> dict[str, Tensor]:
@@ -196,7 +212,7 @@ class UniGenDet(nn.Module):
             ``det_logits`` (n_det, 2), ``hidden`` {layer: (T, D)} and optionally ``last_hidden``/``embeds``.
         """
         inputs = self.embed_inputs(batch, noise)
-        h, kept, inv = self.run_decoder(batch, inputs["embeds"], hidden_layers=hidden_layers)
+        h, kept, inv, _ = self.run_decoder(batch, inputs["embeds"], hidden_layers=hidden_layers)
         out: dict[str, Tensor | dict] = {"hidden": kept}
         ce_rows = inv[batch.ce_indexes]
         out["ce"] = F.cross_entropy(self.lm_head(h[ce_rows]).float(), batch.ce_labels, reduction="none")
@@ -220,7 +236,7 @@ class UniGenDet(nn.Module):
         if not 1 <= n_layers <= self.cfg.mot.n_layers:
             raise ValueError(f"n_layers must be in 1..{self.cfg.mot.n_layers}, got {n_layers}")
         inputs = self.embed_inputs(batch, noise)
-        _, kept, _ = self.run_decoder(batch, inputs["embeds"], hidden_layers=(n_layers,), n_layers=n_layers)
+        _, kept, _, _ = self.run_decoder(batch, inputs["embeds"], hidden_layers=(n_layers,), n_layers=n_layers)
         return kept[n_layers]
 
     def project_diga(self, hidden: Tensor) -> Tensor:
