@@ -10,7 +10,7 @@ _EXPORTS = {
     "T2IDataModule": "data_modules.t2i",
     "CoEvolutionDataModule": "data_modules.coevolution",
     "PackedStream": "data_modules.stream",
-    "SkipCounter": "data_modules.skips",
+    "SkipCounter": "unigendet.skips",
 }
 __all__ = list(_EXPORTS)
 

@@ -20,11 +20,11 @@ import lightning as L
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from data_modules.skips import SkipCounter
 from data_modules.stream import PackedStream, plan_tokens, record_generator
-from data_modules.transforms import ImageTransform, vae_transform, vit_transform
 from unigendet.model.config import UniGenDetConfig
+from unigendet.skips import SkipCounter
 from unigendet.tokenizer import Tokenizer
+from unigendet.transforms import ImageTransform, vae_transform, vit_transform
 
 
 class StreamDataModule(L.LightningDataModule):

@@ -3,7 +3,7 @@
 Features:
 
 * **The same code path as training**: :func:`~data_modules.records.read_detection` / ``read_t2i``,
-  :func:`~data_modules.images.open_image` and the ViT + VAE transforms of the chosen preset (detection records go
+  :func:`~unigendet.images.open_image` and the ViT + VAE transforms of the chosen preset (detection records go
   through both, T2I records through the VAE one), so every record that would be skipped in training is skipped and
   counted here, per reason, with one example id each.
 * **One JSON object on stdout**: ``{"delivered": N, "skipped": {reason: count}, "examples": {reason: id}}``.
@@ -26,7 +26,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from data_modules.images import MAX_PIXELS, open_image
 from data_modules.records import (
     CorpusError,
     DetectionRecord,
@@ -36,7 +35,8 @@ from data_modules.records import (
     read_t2i,
     t2i_image_root,
 )
-from data_modules.skips import SkipCounter
+from unigendet.images import MAX_PIXELS, open_image
+from unigendet.skips import SkipCounter
 
 DEFAULT_PRESET = "bagel-7b-mot"
 
@@ -67,7 +67,7 @@ def _limited(records: Iterator, limit: int | None) -> Iterator:
 def _check_chunk(kind: str, records: list, root: Path | None, cfg: Any, max_pixels: int,
                  image_column: str) -> tuple[int, dict]:
     """Decode and transform one chunk of records (in a worker process, or inline): (delivered, skip state)."""
-    from data_modules.transforms import vae_transform, vit_transform
+    from unigendet.transforms import vae_transform, vit_transform
 
     skips = SkipCounter()
     vit_tf, vae_tf = vit_transform(cfg), vae_transform(cfg)

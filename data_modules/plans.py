@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from data_modules.images import open_image
 from data_modules.records import DetectionRecord, T2IRecord, load_parquet_image_bytes
-from data_modules.skips import SkipCounter
-from data_modules.transforms import ImageTransform
+from unigendet.images import open_image
 from unigendet.model.packing import SamplePlan, TextSplit, VAESplit, ViTSplit
+from unigendet.skips import SkipCounter
 from unigendet.tokenizer import Tokenizer
+from unigendet.transforms import ImageTransform
 
 DEFAULT_TEACHER_PROMPT = "This image was described as: {caption}. Does the image look real or fake?"
 

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data_modules.skips import SkipCounter
 from unigendet.model.config import UniGenDetConfig
 from unigendet.model.packing import SamplePlan, TextSplit, VAESplit, ViTSplit, pack
+from unigendet.skips import SkipCounter
 
 # (record, generator, skips) -> plan(s), or None after counting the skip in ``skips``
 Planner = Callable[[Any, torch.Generator, SkipCounter], "SamplePlan | dict[str, SamplePlan] | None"]
@@ -45,7 +45,7 @@ def plan_tokens(plan: SamplePlan, cfg: UniGenDetConfig) -> int:
     n = 0
     for split in plan.splits:
         if isinstance(split, TextSplit):
-            n += len(split.ids) + 2
+            n += len(split.ids) + (1 if split.open else 2)
         elif isinstance(split, ViTSplit):
             p = cfg.vit.patch_size
             n += (split.image.shape[-2] // p) * (split.image.shape[-1] // p) + 2

@@ -20,10 +20,10 @@ import pytest
 from PIL import Image, ImageFile
 
 from data_modules import records
-from data_modules.images import open_image
 from data_modules.inspect import inspect_data, main_inspect
 from data_modules.records import CorpusError, load_parquet_image_bytes, read_detection, read_t2i, t2i_image_root
-from data_modules.skips import SkipCounter
+from unigendet.images import open_image
+from unigendet.skips import SkipCounter
 
 #####################################################################################################
 # Builders

@@ -82,6 +82,11 @@ def test_cfg_combination_and_interval():
     assert torch.allclose(flow.cfg_combine(cond, uncond, 4.0), torch.full((2, 3), 5.0))
     renormed = flow.cfg_combine(cond, uncond, 4.0, renorm_min=0.0001)
     assert math.isclose(renormed.norm().item(), cond.norm().item(), rel_tol=1e-5)
+    # batched: each image is renormalised on its own, so an image's result does not depend on its batch
+    batch_cond = torch.stack([cond, 10 * cond])
+    batch = flow.cfg_combine(batch_cond, torch.stack([uncond, uncond]), 4.0, renorm_min=0.0001)
+    assert torch.allclose(batch[0], renormed)
+    assert math.isclose(batch[1].norm().item(), (10 * cond).norm().item(), rel_tol=1e-5)
     calls = []
 
     def velocity(x, t, want_uncond):

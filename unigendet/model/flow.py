@@ -64,10 +64,13 @@ def sample_schedule(steps: int, shift: float, device: torch.device | str = "cpu"
 
 def cfg_combine(v_cond: Tensor, v_uncond: Tensor, scale: float, renorm_min: float = 0.0) -> Tensor:
     """Classifier-free guidance. With ``renorm_min`` > 0 the guided velocity's norm is capped at the
-    conditional one's (global renorm), scaled down by no more than ``renorm_min``."""
+    conditional one's (global renorm over one image's tokens), scaled down by no more than ``renorm_min``.
+    Inputs are (N, C) for one image or (B, N, C) for a batch (renormalised image by image)."""
     v = v_uncond + scale * (v_cond - v_uncond)
     if renorm_min > 0:
-        ratio = (v_cond.norm() / (v.norm() + 1e-8)).clamp(min=renorm_min, max=1.0)
+        dims = tuple(range(v.dim() - 2, v.dim()))
+        norm = lambda t: t.pow(2).sum(dims, keepdim=True).sqrt()  # noqa: E731
+        ratio = (norm(v_cond) / (norm(v) + 1e-8)).clamp(min=renorm_min, max=1.0)
         v = v * ratio
     return v
 
@@ -80,7 +83,7 @@ def euler_sample(velocity: Callable[[Tensor, Tensor, bool], tuple[Tensor, Tensor
     Args:
         velocity: ``(x_t, t, want_uncond) -> (v_cond, v_uncond or None)``; t is a 0-d tensor. It is asked for the
             unconditional velocity only where guidance applies (cfg_scale != 1 and t inside ``cfg_interval``).
-        x: (N, C) noise tokens.
+        x: (N, C) noise tokens of one image, or (B, N, C) of a batch.
     """
     ts = sample_schedule(steps, shift, x.device)
     lo, hi = cfg_interval

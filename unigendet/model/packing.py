@@ -36,8 +36,16 @@ from unigendet.model.vit import grid_position_ids, patchify
 
 @dataclass
 class TextSplit:
+    """<|im_start|> ids <|im_end|>. ``open=True`` leaves out <|im_end|>: an answer being generated (inference);
+    an open split must be the sample's last and carries no loss."""
+
     ids: list[int]
     loss: bool = False
+    open: bool = False
+
+    def __post_init__(self) -> None:
+        if self.open and self.loss:
+            raise ValueError("an open (unfinished) text split cannot carry a loss")
 
 
 @dataclass
@@ -154,7 +162,7 @@ def pack(plans: list[SamplePlan], cfg: UniGenDetConfig, generator: torch.Generat
         answer_start = None
         for split in plan.splits:
             if isinstance(split, TextSplit):
-                ids = [tok.bos, *split.ids, tok.eos]
+                ids = [tok.bos, *split.ids] + ([] if split.open else [tok.eos])
                 n = len(ids)
                 text_ids += ids
                 text_idx += range(cursor, cursor + n)
