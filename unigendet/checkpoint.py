@@ -265,6 +265,27 @@ def save_folder(model: UniGenDet, out: str | Path, *, max_shard_bytes: int = 4 *
     return out
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "generation_config.json")
+
+
+def copy_tokenizer(src: str | Path, out: str | Path) -> list[str]:
+    """Copy the tokenizer files a BAGEL folder carries from ``src`` (a folder or a tokenizer.json) to ``out``."""
+    import shutil
+
+    src = Path(src)
+    folder = src.parent if src.is_file() else src
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (folder / name).exists() and (folder / name).resolve() != (Path(out) / name).resolve():
+            shutil.copyfile(folder / name, Path(out) / (name + ".tmp"))
+            os.replace(Path(out) / (name + ".tmp"), Path(out) / name)
+            copied.append(name)
+    if "tokenizer.json" not in copied and not (Path(out) / "tokenizer.json").exists():
+        raise FileNotFoundError(f"no tokenizer.json in {folder}")
+    return copied
+
+
 def _atomic_save(tensors: dict[str, Tensor], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})

@@ -3,6 +3,9 @@
 Commands so far:
 * ``info``         - describe a preset or a BAGEL/UniGenDet folder (sizes, parameter counts per part); with
                      ``--load`` stream the folder's weights in and print the load report.
+* ``detect``       - is this image fake, and why? One JSON line per image.
+* ``generate``     - text-to-image; PNGs carrying their prompt and seed in the metadata.
+* ``export``       - write a checkpoint in the BAGEL format (weights, configs, tokenizer).
 * ``inspect-data`` - stream a detection / T2I corpus through the real readers and transforms; one JSON summary.
 * ``demo-data``    - build the embedded demo corpus.
 """
@@ -13,6 +16,7 @@ import argparse
 import json
 import sys
 from collections import Counter
+from pathlib import Path
 
 
 def _param_counts(model) -> dict[str, int]:
@@ -54,6 +58,124 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def _pipeline(args: argparse.Namespace):
+    import torch
+
+    from unigendet.inference import UniGenDetPipeline
+
+    pipe = UniGenDetPipeline.from_pretrained(args.ckpt, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]))
+    print(f"loaded {args.ckpt}: {pipe.load_report}", file=sys.stderr)
+    return pipe
+
+
+def _expand_images(inputs: list[str]) -> list[Path]:
+    paths: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            paths += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+        else:
+            paths.append(p)  # a missing or bad file is reported on its own line
+    return paths
+
+
+def _progress(items: list, enabled: bool, unit: str):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, unit=unit, file=sys.stderr, dynamic_ncols=True)
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from unigendet.images import open_image
+    from unigendet.skips import SkipCounter
+
+    paths = _expand_images(args.inputs)
+    if not paths:
+        print("unigendet detect: error: no images found", file=sys.stderr)
+        return 2
+    pipe = _pipeline(args)
+    batches = [paths[i: i + args.batch_size] for i in range(0, len(paths), args.batch_size)]
+    n_bad = 0
+    for batch in _progress(batches, len(paths) > 1 and not args.no_progress, "batch"):
+        images, good = [], []
+        for path in batch:
+            skips = SkipCounter()
+            img = open_image(str(path), skips, str(path), max_pixels=args.max_pixels)
+            if img is None:
+                reason = next(iter(skips.counts))
+                print(json.dumps({"path": str(path), "error": reason}), flush=True)
+                n_bad += 1
+                continue
+            images.append(img)
+            good.append(path)
+        if not images:
+            continue
+        results = pipe.detect(images, prompt=args.prompt, with_vae=not args.no_vae, explain=not args.no_explain,
+                              max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+        for path, r in zip(good, results, strict=True):
+            print(json.dumps({"path": str(path), "label": r.label, "p_fake": round(r.p_fake, 6),
+                              "explanation": r.explanation, "seconds": round(r.seconds, 4)}), flush=True)
+    return 1 if n_bad == len(paths) else 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from PIL.PngImagePlugin import PngInfo
+
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+    if not prompts:
+        print("unigendet generate: error: give --prompt and/or --prompts-file", file=sys.stderr)
+        return 2
+    pipe = _pipeline(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"height": args.height, "width": args.width, "steps": args.steps, "shift": args.shift,
+                "cfg_scale": args.cfg_scale, "cfg_interval": args.cfg_interval, "renorm_min": args.renorm_min}
+    chunks = [list(range(i, min(i + args.batch_size, len(prompts)))) for i in range(0, len(prompts), args.batch_size)]
+    for idx in _progress(chunks, len(chunks) > 1 and not args.no_progress, "batch"):
+        seeds = [args.seed + i for i in idx]
+        images = pipe.generate([prompts[i] for i in idx], seed=seeds, **settings)
+        for i, seed, img in zip(idx, seeds, images, strict=True):
+            meta = PngInfo()
+            meta.add_text("prompt", prompts[i])
+            meta.add_text("seed", str(seed))
+            meta.add_text("unigendet", json.dumps({**settings, "ckpt": str(args.ckpt)}))
+            path = out / f"{i:05d}.png"
+            img.save(path, pnginfo=meta)
+            print(json.dumps({"path": str(path), "prompt": prompts[i], "seed": seed}), flush=True)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from unigendet.checkpoint import copy_tokenizer, load_model, save_folder
+
+    model, report = load_model(args.ckpt)
+    print(f"loaded {args.ckpt}: {report}", file=sys.stderr)
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    out = save_folder(model, args.out, dtype=dtype, single_file=args.single_file,
+                      max_shard_bytes=int(args.max_shard_gb * 1024**3))
+    copied = copy_tokenizer(args.ckpt, out)
+    print(json.dumps({"out": str(out), "files": sorted(p.name for p in out.iterdir()), "tokenizer": copied}))
+    return 0
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="a BAGEL / UniGenDet model folder (weights, configs, tokenizer)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--no-progress", action="store_true")
+
+
 def _inspect_data(argv: list[str]) -> int:
     from data_modules.inspect import main_inspect
 
@@ -81,6 +203,43 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--load", action="store_true", help="stream the weights in and report missing/unexpected keys")
     info.add_argument("--lenient", action="store_true", help="with --load: report mismatches instead of failing")
     info.set_defaults(func=cmd_info)
+
+    det = sub.add_parser("detect", help="is this image fake, and why? one JSON line per image")
+    det.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
+    _model_args(det)
+    det.add_argument("--no-explain", action="store_true", help="head only: p(fake), no written explanation")
+    det.add_argument("--no-vae", action="store_true", help="omit the clean VAE split (as the authors' demo does)")
+    det.add_argument("--prompt", default="Does the image looks real/fake?")
+    det.add_argument("--max-new-tokens", type=int, default=256)
+    det.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    det.add_argument("--seed", type=int, default=0)
+    det.add_argument("--batch-size", type=int, default=8)
+    det.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger images (decompression bombs)")
+    det.set_defaults(func=cmd_detect)
+
+    gen = sub.add_parser("generate", help="text-to-image; PNGs with prompt and seed in their metadata")
+    _model_args(gen)
+    gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    gen.add_argument("--prompts-file", help="one prompt per line (e.g. the GenEval prompts)")
+    gen.add_argument("--out", required=True)
+    gen.add_argument("--height", type=int, default=512)
+    gen.add_argument("--width", type=int, default=512)
+    gen.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's, 50 for BAGEL)")
+    gen.add_argument("--shift", type=float, default=None, help="timestep shift (default 3)")
+    gen.add_argument("--cfg-scale", type=float, default=None, help="text guidance (default 4)")
+    gen.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("T_LO", "T_HI"))
+    gen.add_argument("--renorm-min", type=float, default=None, help="CFG renormalisation floor (0 = off)")
+    gen.add_argument("--seed", type=int, default=0, help="image i gets seed + i")
+    gen.add_argument("--batch-size", type=int, default=4)
+    gen.set_defaults(func=cmd_generate)
+
+    exp = sub.add_parser("export", help="write a checkpoint in the BAGEL format (weights, configs, tokenizer)")
+    exp.add_argument("--ckpt", required=True, help="a BAGEL / UniGenDet model folder")
+    exp.add_argument("--out", required=True)
+    exp.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="cast the weights (default: as stored)")
+    exp.add_argument("--single-file", action="store_true", help="one ema.safetensors instead of shards + index")
+    exp.add_argument("--max-shard-gb", type=float, default=4.0)
+    exp.set_defaults(func=cmd_export)
     for name, help_text in (("inspect-data", "check a corpus before a long run (see `unigendet inspect-data -h`)"),
                             ("demo-data", "build the embedded demo corpus (see `unigendet demo-data -h`)")):
         sub.add_parser(name, help=help_text, add_help=False)

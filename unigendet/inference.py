@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -233,6 +234,21 @@ class Engine:
             latent = unpatchify_latent(t.to(self.model.vae2llm.weight.dtype), gh, gw, p)
             images.append(to_pil(self.model.vae.decode(latent[None])[0]))
         return images
+
+
+class UniGenDetPipeline(Engine):
+    """An :class:`Engine` loaded from a BAGEL / UniGenDet folder (ours or the authors') with its tokenizer."""
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                        strict: bool = True) -> UniGenDetPipeline:
+        from unigendet.checkpoint import load_model
+
+        path = Path(path)
+        model, report = load_model(path, device=device, dtype=dtype, strict=strict)
+        pipe = cls(model, Tokenizer(path))
+        pipe.load_report, pipe.source = report, path
+        return pipe
 
 
 def to_pil(x: Tensor) -> Image.Image:
