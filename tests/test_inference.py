@@ -145,12 +145,14 @@ def test_cli_detect_reports_every_file(ckpt, tmp_path, capsys):
     for i, im in enumerate(_images()):
         im.save(folder / f"{i}.png")
     (folder / "broken.jpg").write_bytes(b"not an image")
+    Image.new("RGB", (4, 4)).save(folder / "tiny.png")
     inputs = [str(folder)] + ([str(REAL_FAKE)] if REAL_FAKE.exists() else [])
     assert main(["detect", *inputs, "--ckpt", str(ckpt), "--max-new-tokens", "5", "--batch-size", "2"]) == 0
     rows = _lines(capsys.readouterr().out)
-    assert len(rows) == 4 + len(inputs) - 1
+    assert len(rows) == 5 + len(inputs) - 1
     bad = [r for r in rows if "error" in r]
-    assert bad == [{"path": str(folder / "broken.jpg"), "error": "unreadable_image"}]
+    assert bad == [{"path": str(folder / "broken.jpg"), "error": "unreadable_image"},
+                   {"path": str(folder / "tiny.png"), "error": "image_too_small"}]
     for r in rows:
         if "error" not in r:
             assert 0.0 <= r["p_fake"] <= 1.0 and r["label"] in ("fake", "real") and isinstance(r["explanation"], str)

@@ -108,6 +108,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
         for path in batch:
             skips = SkipCounter()
             img = open_image(str(path), skips, str(path), max_pixels=args.max_pixels)
+            if img is not None and pipe.vit_tf.check(img):
+                skips.skip(pipe.vit_tf.check(img), str(path))
+                img = None
             if img is None:
                 reason = next(iter(skips.counts))
                 print(json.dumps({"path": str(path), "error": reason}), flush=True)
