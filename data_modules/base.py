@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -27,9 +28,34 @@ from unigendet.tokenizer import Tokenizer
 from unigendet.transforms import ImageTransform, vae_transform, vit_transform
 
 
+@dataclass(eq=False, repr=False)
 class StreamDataModule(L.LightningDataModule):
-    """Subclasses are dataclasses; they call ``super().__init__()`` from ``__post_init__`` and implement
-    ``records(split)`` and ``planner()``."""
+    """The fields every streaming DataModule has. Subclasses are dataclasses too and implement ``records(split)``
+    and ``planner(split)``."""
+
+    train: str | None = None
+    """Training split (format: see the subclass)."""
+    val: str | None = None
+    """Validation split; evaluated in one pass, in file order."""
+    test: str | None = None
+    """Test split; evaluated in one pass, in file order."""
+    tokenizer: str = "tokenizer.json"
+    """``tokenizer.json`` (or a folder holding it) whose special tokens match the model's."""
+    token_budget: int = 4096
+    """Tokens per packed batch."""
+    max_sample_tokens: int | None = None
+    """Samples longer than this are skipped and counted (default: the budget)."""
+    packs_per_epoch: int | None = None
+    """Packed batches per rank per loader epoch (default: about one pass over the records)."""
+    num_workers: int = 2
+    """DataLoader worker processes; records are sharded over (rank, worker)."""
+    seed: int = 0
+    """Shuffling and per-record randomness."""
+    vit_min_side: int | None = None
+    """Image side bounds for the ViT and the VAE (None: BAGEL's 224..980 / 512..1024, scaled to the preset)."""
+    vit_max_side: int | None = None
+    vae_min_side: int | None = None
+    vae_max_side: int | None = None
 
     def __post_init__(self) -> None:
         super().__init__()
@@ -90,6 +116,21 @@ class StreamDataModule(L.LightningDataModule):
         return PackedStream(records, planner, cfg, token_budget=budget, packs_per_epoch=packs_per_epoch or 1,
                             max_sample_tokens=self.max_sample_tokens, seed=self.seed, rank=rank, world_size=world,
                             one_pass=one_pass)
+
+    def _path(self, split: str) -> Path:
+        path = {"train": self.train, "val": self.val, "test": self.test}[split]
+        if path is None:
+            raise ValueError(f"{type(self).__name__} has no {split} split configured")
+        return Path(path)
+
+    def train_dataloader(self):
+        return self.loader(self.stream("train", budget=self.token_budget, packs_per_epoch=self.packs_per_epoch))
+
+    def val_dataloader(self):
+        return self.loader(self.stream("val", budget=self.token_budget, packs_per_epoch=None, one_pass=True))
+
+    def test_dataloader(self):
+        return self.loader(self.stream("test", budget=self.token_budget, packs_per_epoch=None, one_pass=True))
 
     def loader(self, dataset) -> StatefulDataLoader:
         # persistent workers break resume (torchdata/datasets reports); one item is already a packed batch

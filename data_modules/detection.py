@@ -12,26 +12,10 @@ from data_modules.records import read_detection
 
 @dataclass(eq=False, repr=False)
 class DetectionDataModule(StreamDataModule):
-    train: str | None = None
-    """FakeClue JSON list or JSON Lines of the training split."""
-    val: str | None = None
-    """Validation split (same format); evaluated in one pass, in file order."""
-    test: str | None = None
-    """Test split (same format)."""
+    """``train`` / ``val`` / ``test``: FakeClue JSON lists or JSON Lines."""
+
     image_root: str | None = None
     """Folder the records' ``image`` paths are relative to (default: the json file's folder)."""
-    tokenizer: str = "tokenizer.json"
-    """``tokenizer.json`` (or a folder holding it) whose special tokens match the model's."""
-    token_budget: int = 4096
-    """Tokens per packed batch."""
-    max_sample_tokens: int | None = None
-    """Samples longer than this are skipped and counted (default: the budget)."""
-    packs_per_epoch: int | None = None
-    """Packed batches per rank per loader epoch (default: about one pass over the records)."""
-    num_workers: int = 2
-    """DataLoader worker processes; records are sharded over (rank, worker)."""
-    seed: int = 0
-    """Shuffling and per-record randomness."""
     balance_labels: bool = False
     """Oversample the minority label of the training split."""
     categories: list[str] | None = None
@@ -40,17 +24,9 @@ class DetectionDataModule(StreamDataModule):
     """Put the clean VAE split before the ViT split (SMSA); False is the "w/o SMSA" ablation."""
     prompt: str | None = None
     """Replace every record's question with this prompt."""
-    vit_min_side: int | None = None
-    """Image side bounds for the ViT and the VAE (None: BAGEL's 224..980 / 512..1024, scaled to the preset)."""
-    vit_max_side: int | None = None
-    vae_min_side: int | None = None
-    vae_max_side: int | None = None
 
     def records(self, split: str):
-        path = {"train": self.train, "val": self.val, "test": self.test}[split]
-        if path is None:
-            raise ValueError(f"{type(self).__name__} has no {split} split configured")
-        path = Path(path)
+        path = self._path(split)
         recs = list(read_detection(path, self.read_skips, image_root=self._root(path), categories=self.categories,
                                    prompt_override=self.prompt))
         if not recs:
@@ -61,15 +37,5 @@ class DetectionDataModule(StreamDataModule):
         return resolve(self.image_root) or path.parent
 
     def planner(self, split: str) -> DetectionPlanner:
-        path = Path({"train": self.train, "val": self.val, "test": self.test}[split])
-        return DetectionPlanner(self.tok, self.vit_tf(), self.vae_tf(), image_root=self._root(path),
+        return DetectionPlanner(self.tok, self.vit_tf(), self.vae_tf(), image_root=self._root(self._path(split)),
                                 with_vae=self.with_vae)
-
-    def train_dataloader(self):
-        return self.loader(self.stream("train", budget=self.token_budget, packs_per_epoch=self.packs_per_epoch))
-
-    def val_dataloader(self):
-        return self.loader(self.stream("val", budget=self.token_budget, packs_per_epoch=None, one_pass=True))
-
-    def test_dataloader(self):
-        return self.loader(self.stream("test", budget=self.token_budget, packs_per_epoch=None, one_pass=True))

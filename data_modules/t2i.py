@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from data_modules.base import StreamDataModule
 from data_modules.plans import DEFAULT_TEACHER_PROMPT, T2IPlanner
@@ -12,17 +11,9 @@ from data_modules.records import read_t2i
 
 @dataclass(eq=False, repr=False)
 class T2IDataModule(StreamDataModule):
-    train: str | None = None
-    """Metadata JSON/JSONL of {"image_path", "prompt"}, a Parquet file, or a folder of Parquet shards."""
-    val: str | None = None
-    test: str | None = None
-    tokenizer: str = "tokenizer.json"
-    """``tokenizer.json`` (or a folder holding it) whose special tokens match the model's."""
-    token_budget: int = 4096
-    max_sample_tokens: int | None = None
-    packs_per_epoch: int | None = None
-    num_workers: int = 2
-    seed: int = 0
+    """``train`` / ``val`` / ``test``: metadata JSON/JSONL of {"image_path", "prompt"}, a Parquet file, or a folder
+    of Parquet shards."""
+
     image_column: str = "image"
     """Parquet column holding the image bytes (LAION: ``jpg`` or ``image``)."""
     caption_column: str = "caption"
@@ -33,17 +24,6 @@ class T2IDataModule(StreamDataModule):
     teacher: bool = False
     """Also yield the DIGA teacher's detection-style plan of each real image (batches become {"gen", "teacher"})."""
     teacher_prompt: str = DEFAULT_TEACHER_PROMPT
-    vit_min_side: int | None = None
-    """Image side bounds for the ViT and the VAE (None: BAGEL's 224..980 / 512..1024, scaled to the preset)."""
-    vit_max_side: int | None = None
-    vae_min_side: int | None = None
-    vae_max_side: int | None = None
-
-    def _path(self, split: str) -> Path:
-        path = {"train": self.train, "val": self.val, "test": self.test}[split]
-        if path is None:
-            raise ValueError(f"{type(self).__name__} has no {split} split configured")
-        return Path(path)
 
     def records(self, split: str):
         path = self._path(split)
@@ -60,12 +40,3 @@ class T2IDataModule(StreamDataModule):
                           caption_dropout=self.caption_dropout if split == "train" else 0.0,
                           teacher=self.teacher, vit=self.vit_tf() if self.teacher else None,
                           teacher_prompt=self.teacher_prompt, image_column=self.image_column)
-
-    def train_dataloader(self):
-        return self.loader(self.stream("train", budget=self.token_budget, packs_per_epoch=self.packs_per_epoch))
-
-    def val_dataloader(self):
-        return self.loader(self.stream("val", budget=self.token_budget, packs_per_epoch=None, one_pass=True))
-
-    def test_dataloader(self):
-        return self.loader(self.stream("test", budget=self.token_budget, packs_per_epoch=None, one_pass=True))
