@@ -1,6 +1,8 @@
 """Command line: ``unigendet <command> ...`` (also ``python -m unigendet``).
 
-Commands so far:
+Commands:
+* ``fit`` / ``validate`` / ``test`` / ``predict`` - LightningCLI over ``LitUniGenDet`` and a DataModule from
+                     ``data_modules``: ``--config experiments/X.yaml`` (stackable), ``--print_config``, dotted overrides.
 * ``info``         - describe a preset or a BAGEL/UniGenDet folder (sizes, parameter counts per part); with
                      ``--load`` stream the folder's weights in and print the load report.
 * ``detect``       - is this image fake, and why? One JSON line per image.
@@ -191,6 +193,21 @@ def _demo_data(argv: list[str]) -> int:
     return main_demo_data(argv)
 
 
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def lightning_main(argv: list[str]) -> int:
+    """LightningCLI: the model class is fixed, the DataModule is any subclass (``data: {class_path: ...}``)."""
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
+
+    from unigendet.lit_module import LitUniGenDet
+
+    LightningCLI(LitUniGenDet, L.LightningDataModule, subclass_mode_data=True, args=argv,
+                 save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+    return 0
+
+
 # commands with their own argument parsers (they live in data_modules, which may import unigendet, not vice versa
 # at import time: these are imported only when called)
 DELEGATED = {"inspect-data": _inspect_data, "demo-data": _demo_data}
@@ -244,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--max-shard-gb", type=float, default=4.0)
     exp.set_defaults(func=cmd_export)
     for name, help_text in (("inspect-data", "check a corpus before a long run (see `unigendet inspect-data -h`)"),
-                            ("demo-data", "build the embedded demo corpus (see `unigendet demo-data -h`)")):
+                            ("demo-data", "build the embedded demo corpus (see `unigendet demo-data -h`)"),
+                            *((c, f"LightningCLI {c} (see `unigendet {c} -h`)") for c in LIGHTNING_COMMANDS)):
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
@@ -253,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in DELEGATED:
         return DELEGATED[argv[0]](argv[1:])
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        return lightning_main(argv)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -1,0 +1,475 @@
+"""LitUniGenDet: the co-evolution training loop as ONE LightningModule; GDUF, DIGA and ablations are its configs.
+
+Features:
+* manual optimisation with two optimisers: a **detection update** (answer CE + real/fake head CE) on the detector
+  side (und expert, ViT, connector, heads) and a **generation update** (flow MSE + DIGA cosine) on the generator side
+  (gen expert, vae2llm, llm2vae, time embedder, DIGA projector), each with its own LR schedule and clipping, in that
+  order inside every training step; update ratios via ``det_every`` / ``gen_every``;
+* ``joint=True`` is GDUF as the authors ran it: ONE update of all parameters on the weighted sum of all losses;
+* DIGA: the student's hidden states after layer l at the noisy latent tokens, through the DIGA projector, are pulled
+  (1 - cosine) toward a frozen teacher's states on the real image's ViT tokens, resized to the latent grid; the
+  teacher is a snapshot of the network taken at the start (``teacher="frozen"``) or refreshed every K steps
+  (``teacher="snapshot"``);
+* fresh fakes: every J steps the current generator draws images that join the detection update as fakes,
+  supervised with the head and the verdict sentence only;
+* EMA of the weights (evaluation, export, optionally the teacher); loss reductions per token, summed across ranks;
+  a non-finite loss stops with an error naming the step and the term, or (``on_nan="skip"``) skips the update,
+  counted and logged;
+* ``global_step`` counts training steps, not optimiser steps (Lightning issue #17958).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from unigendet.ema import EMA
+from unigendet.model.config import UniGenDetConfig
+from unigendet.model.packing import PackedBatch, SamplePlan, TextSplit, VAESplit, ViTSplit, pack
+from unigendet.model.unigendet import UniGenDet
+from unigendet.optim import OptimConfig, build_optimizer, build_scheduler, partition
+
+log = logging.getLogger("unigendet.train")
+
+#####################################################################################################
+# Configuration
+#####################################################################################################
+
+
+@dataclass
+class LossWeights:
+    ce: float = 1.0
+    """Answer cross-entropy (detection update)."""
+    det: float = 0.2
+    """Real/fake head cross-entropy (detection update); the released code's 0.2."""
+    mse: float = 1.0
+    """Flow-matching MSE (generation update)."""
+    diga: float = 0.5
+    """DIGA cosine loss (generation update)."""
+
+
+@dataclass
+class Schedule:
+    joint: bool = False
+    """GDUF as released: one update of all parameters on the weighted sum of all losses (``optim.clip_det`` clips
+    the global norm)."""
+    train_det: bool = True
+    """Run detection updates (False: the detector side is frozen, e.g. the DIGA stage)."""
+    train_gen: bool = True
+    """Run generation updates."""
+    det_every: int = 1
+    """A detection update every N steps (ratios N det : M gen; one of the two must be 1)."""
+    gen_every: int = 1
+    """A generation update every M steps."""
+    diga: bool = False
+    """Add the DIGA loss to the generation update (needs teacher batches from the data module)."""
+    diga_layer: int | None = None
+    """Layer whose output DIGA aligns (default: the model config's ``head.diga_layer``)."""
+    teacher: str = "frozen"
+    """DIGA teacher: "frozen" (snapshot at the start) or "snapshot" (refreshed every ``teacher_refresh`` steps)."""
+    teacher_refresh: int = 0
+    teacher_from_ema: bool = False
+    """Take the teacher snapshot from the EMA weights."""
+    fresh_fakes_every: int = 0
+    """Every J steps generate ``fresh_fakes`` images with the current generator and feed them as fakes (0: off)."""
+    fresh_fakes: int = 2
+    fresh_fake_px: int = 64
+    fresh_fake_steps: int = 10
+    on_nan: str = "raise"
+    """Non-finite loss: "raise" (an error naming step and term) or "skip" (skip the update, counted)."""
+
+    def __post_init__(self) -> None:
+        if min(self.det_every, self.gen_every) != 1 or max(self.det_every, self.gen_every) < 1:
+            raise ValueError("update ratios: one of det_every / gen_every must be 1, the other >= 1")
+        if self.teacher not in ("frozen", "snapshot"):
+            raise ValueError(f"teacher must be 'frozen' or 'snapshot', got {self.teacher!r}")
+        if self.on_nan not in ("raise", "skip"):
+            raise ValueError(f"on_nan must be 'raise' or 'skip', got {self.on_nan!r}")
+        if self.teacher == "snapshot" and self.teacher_refresh < 1:
+            raise ValueError("teacher='snapshot' needs teacher_refresh >= 1")
+
+
+#####################################################################################################
+# The module
+#####################################################################################################
+
+
+class LitUniGenDet(L.LightningModule):
+    def __init__(self, model: str = "tiny", model_overrides: dict | None = None, init_from: str | None = None,
+                 loss: LossWeights | None = None, schedule: Schedule | None = None, optim: OptimConfig | None = None,
+                 freeze: list[str] | None = None, ema_decay: float | None = 0.999, attn_backend: str = "auto",
+                 seed: int = 0) -> None:
+        """
+        Args:
+            model: a preset name (``tiny``, ``demo``, ``debug``, ``bagel-7b-mot``) or a BAGEL / UniGenDet folder.
+            model_overrides: config overrides for a preset, e.g. ``{"mot": {"n_layers": 4}}``.
+            init_from: weights to start from: a BAGEL / UniGenDet folder (random init when None).
+            freeze: top-level parts to freeze (``vit``, ``embed``, ...); the VAE is always frozen.
+            ema_decay: EMA of the weights (None: off).
+        """
+        super().__init__()
+        self.automatic_optimization = False
+        self.loss_w = loss or LossWeights()
+        self.sched = schedule or Schedule()
+        self.optim_cfg = optim or OptimConfig()
+        self.save_hyperparameters({"model": model, "model_overrides": model_overrides or {}, "init_from": init_from,
+                                   "loss": dataclasses.asdict(self.loss_w), "schedule": dataclasses.asdict(self.sched),
+                                   "optim": dataclasses.asdict(self.optim_cfg), "freeze": list(freeze or []),
+                                   "ema_decay": ema_decay, "attn_backend": attn_backend, "seed": seed})
+        if Path(model).is_dir():
+            self.cfg = UniGenDetConfig.from_bagel_dir(model)
+        else:
+            self.cfg = UniGenDetConfig.from_name(model, **(model_overrides or {}))
+        self.model: UniGenDet | None = None
+        self._teacher: list[UniGenDet] = []  # a list keeps the frozen teacher out of the module tree / state_dict
+        self.ema: EMA | None = None
+        self.counters = {"batches": 0, "skipped_nan": 0, "fresh_fakes_seen": 0}
+        self._fresh: list[SamplePlan] = []
+        self._val: dict[str, list] = {}
+
+    # ----------------------------------------------------------------------------------------------
+    # building
+    # ----------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        torch.manual_seed(self.hparams.seed)
+        model = UniGenDet(self.cfg)
+        model.init_weights()
+        if self.hparams.init_from:
+            from unigendet.checkpoint import load_weights
+
+            report = load_weights(model, self.hparams.init_from)
+            log.info("initialised from %s: %s", self.hparams.init_from, report)
+        model.attn_backend = self.hparams.attn_backend
+        for part in self.hparams.freeze:
+            if not hasattr(model, part):
+                raise ValueError(f"cannot freeze unknown part {part!r}")
+            getattr(model, part).requires_grad_(False)
+        if self.optim_cfg.shared == "frozen":
+            model.embed.requires_grad_(False)
+            model.lm_head.requires_grad_(False)
+        sides = partition(model, self.optim_cfg.shared)
+        if not self.sched.train_det:
+            for _, p in sides["det"]:
+                p.requires_grad_(False)
+        if not self.sched.train_gen:
+            for _, p in sides["gen"]:
+                p.requires_grad_(False)
+        self.model = model
+        if self.hparams.ema_decay is not None:
+            self.ema = EMA(model, decay=self.hparams.ema_decay)
+        if self.sched.diga:
+            self.refresh_teacher()
+
+    def refresh_teacher(self) -> None:
+        """Snapshot the current network (or its EMA) as the frozen DIGA teacher."""
+        teacher = copy.deepcopy(self.model)
+        if self.sched.teacher_from_ema and self.ema is not None:
+            self.ema.copy_to(teacher)
+        self._teacher = [teacher.requires_grad_(False).eval()]
+
+    @property
+    def teacher(self) -> UniGenDet | None:
+        if not self._teacher:
+            return None
+        if self._teacher[0].embed.weight.device != self.model.embed.weight.device:
+            self._teacher[0].to(self.model.embed.weight.device)
+        return self._teacher[0]
+
+    def configure_optimizers(self):
+        sides = partition(self.model, self.optim_cfg.shared)
+        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else None
+        if total is None:
+            raise ValueError("set trainer.max_steps: the LR schedules are defined over a number of steps")
+        opts, scheds = [], []
+        for side, lr in (("det", self.optim_cfg.lr_det), ("gen", self.optim_cfg.lr_gen)):
+            params = [(n, p) for n, p in sides[side] if p.requires_grad]
+            if not params:  # a frozen side still gets an (empty-ish) optimiser so indices stay stable
+                params = [(f"_{side}_placeholder", torch.nn.Parameter(torch.zeros(1), requires_grad=False))]
+            opt = build_optimizer(params, lr, self.optim_cfg)
+            opts.append(opt)
+            scheds.append(build_scheduler(opt, self.optim_cfg, total))
+        return opts, scheds
+
+    # ----------------------------------------------------------------------------------------------
+    # losses
+    # ----------------------------------------------------------------------------------------------
+    def _token_mean(self, total: Tensor, count: int) -> Tensor:
+        """Sum over this rank / (global count / world size): with gradient averaging across ranks this is the mean
+        over every token of the global batch, whatever each rank holds."""
+        n = torch.tensor(float(count), device=total.device)
+        world = 1
+        if self.trainer is not None and self.trainer.world_size > 1:
+            n = self.trainer.strategy.reduce(n, reduce_op="sum")
+            world = self.trainer.world_size
+        return total * world / n.clamp(min=1.0)
+
+    def detection_losses(self, batch: PackedBatch) -> dict[str, Tensor]:
+        out = self.model(batch)
+        return {"loss_ce": self._token_mean(out["ce"].sum(), out["ce"].numel()),
+                "loss_det": self._token_mean(F.cross_entropy(out["det_logits"].float(), batch.det_labels,
+                                                             reduction="sum"), batch.det_labels.numel()),
+                "_det_logits": out["det_logits"].detach()}
+
+    def generation_losses(self, batch: PackedBatch, teacher_batch: PackedBatch | None = None) -> dict[str, Tensor]:
+        layer = self.sched.diga_layer or self.cfg.head.diga_layer
+        use_diga = self.sched.diga and teacher_batch is not None
+        out = self.model(batch, hidden_layers=(layer,) if use_diga else ())
+        losses = {"loss_mse": self._token_mean(out["mse"].mean(-1).sum(), out["mse"].shape[0])}
+        if use_diga:
+            losses["loss_diga"] = self.diga_loss(batch, out["hidden"][layer], teacher_batch, layer)
+        return losses
+
+    def diga_loss(self, batch: PackedBatch, hidden: Tensor, teacher_batch: PackedBatch, layer: int) -> Tensor:
+        """1 - mean cosine(projector(student states at noisy latents), teacher ViT states resized to that grid)."""
+        with torch.no_grad():
+            t_hidden = self.teacher.forward_hidden(teacher_batch, layer)  # (T_teacher, D)
+            t_hidden = F.layer_norm(t_hidden.float(), t_hidden.shape[-1:])
+        side = self.cfg.vit.max_patches_per_side
+        t_rows = teacher_batch.vit_indexes.split(teacher_batch.vit_seqlens.tolist())
+        t_pos = teacher_batch.vit_position_ids.split(teacher_batch.vit_seqlens.tolist())
+        noisy = batch.vae_timesteps.isfinite().split((batch.vae_grids[:, 0] * batch.vae_grids[:, 1]).tolist())
+        s_rows = batch.vae_indexes.split([int(n.numel()) for n in noisy])
+        students, targets = [], []
+        for i, (rows, pos, grid) in enumerate(zip(t_rows, t_pos, batch.vae_grids.tolist(), strict=True)):
+            h, w = int(pos.max()) // side + 1, int(pos.max() % side) + 1
+            tv = t_hidden[rows].reshape(h, w, -1).permute(2, 0, 1)[None]  # (1, D, h, w) on the ViT grid
+            tv = F.interpolate(tv, size=tuple(grid), mode="bilinear", align_corners=False)[0]
+            targets.append(tv.flatten(1).T)  # (gh*gw, D)
+            students.append(hidden[s_rows[i]])
+        student = self.model.project_diga(torch.cat(students))
+        cos = F.cosine_similarity(student.float(), torch.cat(targets), dim=-1)
+        return 1.0 - self._token_mean(cos.sum(), cos.numel())
+
+    # ----------------------------------------------------------------------------------------------
+    # training
+    # ----------------------------------------------------------------------------------------------
+    def _check(self, losses: dict[str, Tensor], step: int) -> bool:
+        for name, value in losses.items():
+            if not name.startswith("_") and not torch.isfinite(value):
+                if self.sched.on_nan == "raise":
+                    raise FloatingPointError(f"non-finite {name} = {value.item()} at step {step}; set "
+                                             "schedule.on_nan=skip to skip such updates instead")
+                self.counters["skipped_nan"] += 1
+                log.warning("step %d: non-finite %s, update skipped (%d so far)", step, name,
+                            self.counters["skipped_nan"])
+                return False
+        return True
+
+    def _update(self, opt, side: str, loss: Tensor, first: bool) -> None:
+        params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+        self.model.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        clip = self.optim_cfg.clip_det if side in ("det", "joint") else self.optim_cfg.clip_gen
+        if side == "joint":
+            params = [p for p in self.model.parameters() if p.requires_grad]
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        if not first:  # Lightning counts optimiser steps as global steps: only the first one of a batch counts
+            prof = self.trainer.profiler
+            opt._on_before_step = lambda: prof.start("optimizer_step")
+            opt._on_after_step = lambda: prof.stop("optimizer_step")
+        opt.step()
+
+    def training_step(self, batch: dict[str, PackedBatch], batch_idx: int) -> None:
+        step = self.counters["batches"]
+        self.counters["batches"] += 1
+        opt_det, opt_gen = self.optimizers()
+        sch_det, sch_gen = self.lr_schedulers()
+        w, s = self.loss_w, self.sched
+        logs: dict[str, float] = {}
+        if s.fresh_fakes_every and step % s.fresh_fakes_every == 0 and step > 0:
+            self._make_fresh_fakes()
+        do_det = s.train_det and "det" in batch and step % s.det_every == 0
+        do_gen = s.train_gen and "gen" in batch and step % s.gen_every == 0
+        stepped = False
+        if s.joint:
+            losses = {**self.detection_losses(batch["det"]), **self.generation_losses(batch["gen"])}
+            total = w.ce * losses["loss_ce"] + w.det * losses["loss_det"] + w.mse * losses["loss_mse"]
+            if self._check(losses, step):
+                self._update(opt_det, "joint", total, first=True)
+                self._update_step_only(opt_gen)
+                stepped = True
+            logs.update({f"train/{k}": v.item() for k, v in losses.items() if not k.startswith("_")})
+        else:
+            if do_det:
+                losses = self.detection_losses(batch["det"])
+                total = w.ce * losses["loss_ce"] + w.det * losses["loss_det"]
+                fresh = self._fresh_batch()
+                if fresh is not None:
+                    f = self.detection_losses(fresh)
+                    losses["loss_fresh"] = w.ce * f["loss_ce"] + w.det * f["loss_det"]
+                    total = total + losses["loss_fresh"]
+                if self._check(losses, step):
+                    self._update(opt_det, "det", total, first=not stepped)
+                    stepped = True
+                logs.update({f"train/{k}": v.item() for k, v in losses.items() if not k.startswith("_")})
+            if do_gen:
+                losses = self.generation_losses(batch["gen"], batch.get("teacher"))
+                total = w.mse * losses["loss_mse"] + w.diga * losses.get("loss_diga", 0.0)
+                if self._check(losses, step):
+                    self._update(opt_gen, "gen", total, first=not stepped)
+                    stepped = True
+                logs.update({f"train/{k}": v.item() for k, v in losses.items()})
+        if stepped:
+            sch_det.step()
+            sch_gen.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
+        if s.diga and s.teacher == "snapshot" and step > 0 and step % s.teacher_refresh == 0:
+            self.refresh_teacher()
+        logs.update({"train/lr_det": sch_det.get_last_lr()[0], "train/lr_gen": sch_gen.get_last_lr()[0],
+                     "train/skipped_nan": self.counters["skipped_nan"],
+                     "train/fresh_fakes_seen": self.counters["fresh_fakes_seen"]})
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "skip_metrics"):
+            logs.update(dm.skip_metrics(batch))
+        self.log_dict(logs, prog_bar=False, on_step=True, batch_size=1)
+        if "train/loss_det" in logs:
+            self.log("det", logs["train/loss_det"], prog_bar=True, batch_size=1)
+        if "train/loss_mse" in logs:
+            self.log("mse", logs["train/loss_mse"], prog_bar=True, batch_size=1)
+
+    def _update_step_only(self, opt) -> None:
+        """Step a second optimiser on gradients already computed (joint mode), without counting a global step."""
+        prof = self.trainer.profiler
+        opt._on_before_step = lambda: prof.start("optimizer_step")
+        opt._on_after_step = lambda: prof.stop("optimizer_step")
+        opt.step()
+
+    # ----------------------------------------------------------------------------------------------
+    # fresh fakes
+    # ----------------------------------------------------------------------------------------------
+    def _make_fresh_fakes(self) -> None:
+        dm = self.trainer.datamodule
+        gen_dm = getattr(dm, "gen_dm", dm)
+        records = gen_dm.split_records("train")
+        k = self.counters["batches"]
+        prompts = [records[(k * 7919 + i * 104729) % len(records)].prompt for i in range(self.sched.fresh_fakes)]
+        px = self.sched.fresh_fake_px
+        images = self.generate_images(prompts, height=px, width=px, steps=self.sched.fresh_fake_steps, seed=k)
+        verdict = dm.tok.encode("This is a fake image.")
+        question = dm.tok.encode(getattr(dm, "prompt", None) or "Does the image looks real/fake?")
+        vit_tf, vae_tf = dm.vit_tf(), dm.vae_tf()
+        for img in images:
+            splits = [VAESplit(image=vae_tf(img))] if getattr(dm, "with_vae", True) else []
+            self._fresh.append(SamplePlan([*splits, ViTSplit(vit_tf(img)), TextSplit(question),
+                                           TextSplit(verdict, loss=True)], label=0, sample_id="fresh_fake"))
+
+    def _fresh_batch(self) -> PackedBatch | None:
+        if not self._fresh:
+            return None
+        plans, self._fresh = self._fresh, []
+        self.counters["fresh_fakes_seen"] += len(plans)
+        return pack(plans, self.cfg).to(self.device)
+
+    @torch.no_grad()
+    def generate_images(self, prompts: list[str], *, height: int, width: int, steps: int = 25, seed: int = 0,
+                        cfg_scale: float | None = None, use_ema: bool = False):
+        """Images from the current generator (or its EMA), for fresh fakes, validation samples and callbacks."""
+        from unigendet.inference import Engine
+
+        was_training = self.model.training
+        ctx = self.ema.swap(self.model) if (use_ema and self.ema is not None) else contextlib.nullcontext()
+        with ctx:
+            engine = Engine(self.model, self.trainer.datamodule.tok)
+            images = engine.generate(prompts, height=height, width=width, steps=steps, seed=seed,
+                                     cfg_scale=cfg_scale)
+        self.model.train(was_training)
+        return images
+
+    # ----------------------------------------------------------------------------------------------
+    # validation / test
+    # ----------------------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val = {"p_fake": [], "label": [], "ce": [], "mse": []}
+        self._ema_ctx = self.ema.swap(self.model) if self.ema is not None else None
+        if self._ema_ctx is not None:
+            self._ema_ctx.__enter__()
+
+    def validation_step(self, batch: PackedBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if isinstance(batch, dict):
+            batch = batch.get("det") or batch.get("gen")
+        if batch.det_labels.numel():
+            out = self.model(batch)
+            self._val["p_fake"].append(torch.softmax(out["det_logits"].float(), -1)[:, 0].cpu())
+            self._val["label"].append(batch.det_labels.cpu())
+            self._val["ce"].append(out["ce"].detach().cpu())
+        if batch.mse_indexes.numel():
+            g = torch.Generator(device="cpu").manual_seed(batch_idx)  # the same noise every validation
+            noise = torch.randn(batch.n_vae_tokens, self.cfg.latent_token_dim, generator=g).to(self.device)
+            out = self.model(batch, noise=noise)
+            self._val["mse"].append(out["mse"].mean(-1).detach().cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        if self._ema_ctx is not None:
+            self._ema_ctx.__exit__(None, None, None)
+            self._ema_ctx = None
+        metrics = detection_metrics(self._val)
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=False, sync_dist=True)
+        if "acc" in metrics:
+            self.log("val_acc", metrics["acc"], prog_bar=True)
+
+    on_test_epoch_start = on_validation_epoch_start
+    test_step = validation_step
+
+    def on_test_epoch_end(self) -> None:
+        if self._ema_ctx is not None:
+            self._ema_ctx.__exit__(None, None, None)
+            self._ema_ctx = None
+        self.log_dict({f"test/{k}": v for k, v in detection_metrics(self._val).items()}, sync_dist=True)
+
+    # ----------------------------------------------------------------------------------------------
+    # checkpoints
+    # ----------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["unigendet"] = {"config": self.cfg.to_dict(), "counters": dict(self.counters)}
+        if self.ema is not None:
+            checkpoint["unigendet"]["ema"] = self.ema.state_dict()
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and getattr(dm, "tok", None) is not None:
+            checkpoint["unigendet"]["tokenizer_json"] = dm.tok.path.read_text()
+        # the teacher is not saved: it is re-snapshotted at load (frozen) or at the next refresh (snapshot)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.configure_model()
+        extra = checkpoint.get("unigendet", {})
+        self.counters.update(extra.get("counters", {}))
+        if self.ema is not None and "ema" in extra:
+            self.ema.load_state_dict(extra["ema"])
+
+    def setup(self, stage: str) -> None:
+        self.configure_model()
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "connect") and getattr(dm, "cfg", None) is None:
+            dm.connect(self.cfg)
+
+
+def detection_metrics(val: dict[str, list]) -> dict[str, float]:
+    """Accuracy, macro-F1 and AUROC of the head (fake = positive), CE and flow loss, from collected tensors."""
+    out: dict[str, float] = {}
+    if val.get("p_fake"):
+        from torchmetrics.functional.classification import binary_auroc, multiclass_f1_score
+
+        p = torch.cat(val["p_fake"])
+        fake = (torch.cat(val["label"]) == 0).long()
+        pred = (p >= 0.5).long()
+        out["acc"] = float((pred == fake).float().mean())
+        out["f1"] = float(multiclass_f1_score(pred, fake, num_classes=2, average="macro"))
+        out["auroc"] = float(binary_auroc(p, fake)) if fake.min() != fake.max() else float("nan")
+        out["loss_ce"] = float(torch.cat(val["ce"]).mean())
+    if val.get("mse"):
+        out["loss_mse"] = float(torch.cat(val["mse"]).mean())
+    return out
+
