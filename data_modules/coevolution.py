@@ -67,7 +67,7 @@ class CoEvolutionDataModule(DetectionDataModule):
         shared = {"tokenizer": self.tokenizer, "seed": self.seed + 1, "num_workers": self.num_workers,
                   "vit_min_side": self.vit_min_side, "vit_max_side": self.vit_max_side,
                   "vae_min_side": self.vae_min_side, "vae_max_side": self.vae_max_side}
-        self.gen_dm = T2IDataModule(**{**shared, **self.gen})
+        self.gen_dm = T2IDataModule(**{**shared, **_typed(T2IDataModule, self.gen)})
 
     def connect(self, cfg: UniGenDetConfig):
         super().connect(cfg)
@@ -89,3 +89,24 @@ class CoEvolutionDataModule(DetectionDataModule):
         if self.gen_dm.val is not None:
             loaders.append(self.gen_dm.val_dataloader())
         return loaders
+
+
+def _typed(cls, values: dict) -> dict:
+    """Dotted command-line overrides of a dict field arrive as strings (``--data.gen.token_budget=400``): parse
+    them as YAML scalars for the fields of ``cls`` that are not plain strings; unknown keys are an error."""
+    import dataclasses
+    import typing
+
+    import yaml
+
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown generation-stream options {sorted(unknown)}; known: {sorted(known)}")
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, str) and hints.get(key) not in (str, str | None):
+            value = yaml.safe_load(value)
+        out[key] = value
+    return out

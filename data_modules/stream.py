@@ -148,6 +148,7 @@ class PackedStream(IterableDataset):
             st["yielded"] = 0
         order = self.shard_order(st["epoch"], shard, n_shards)
         cache: dict[tuple[int, int], dict] = {}
+        failures = 0  # consecutive records that could not be used; a whole shard of them is an error, not a hang
 
         def next_candidate():
             """(epoch, index) of the next sample to place: first the overflow buffer, then the shard."""
@@ -175,12 +176,15 @@ class PackedStream(IterableDataset):
                 plans = cache.pop(key, None) or self._plan(*key)
                 if plans is None:  # the planner counted the skip
                     st["pending"].pop(0)
+                    failures = self._fail(failures, len(order), shard)
                     continue
                 n = plan_tokens(next(iter(plans.values())), self.cfg)
                 if n > self.max_sample_tokens:
                     self.skips.skip("too_many_tokens", self._record_id(key), f"{n} > {self.max_sample_tokens}")
                     st["pending"].pop(0)
+                    failures = self._fail(failures, len(order), shard)
                     continue
+                failures = 0
                 if chosen and tokens + n > self.token_budget:
                     cache[key] = plans  # overflow: it opens the next pack
                     break
@@ -213,6 +217,14 @@ class PackedStream(IterableDataset):
             tokens += n
         if chosen:
             yield self._collate(chosen, keys)
+
+    def _fail(self, failures: int, shard_size: int, shard: int) -> int:
+        failures += 1
+        if failures > shard_size:
+            raise RuntimeError(f"no usable sample in a whole pass over shard {shard} ({shard_size} records): every "
+                               f"record was skipped ({dict(self.skips.counts)}, e.g. {dict(self.skips.examples)}); "
+                               "check the image root and the token budget")
+        return failures
 
     def _record_id(self, key) -> str:
         record = self.records[key[1]]

@@ -185,9 +185,46 @@ def fresh_parameter_value(module: nn.Module, attr: str, out: Tensor, std: float 
         out.normal_(0.0, std)
 
 
+def load_lightning_checkpoint(path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                              use_ema: bool = True) -> tuple[UniGenDet, LoadReport, str | None]:
+    """A ``LitUniGenDet`` training checkpoint (``.ckpt``) -> (network, report, tokenizer.json text or None).
+
+    Loaded with ``weights_only=True`` (no code runs). The EMA weights are used when present and ``use_ema``.
+    """
+    path = Path(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    extra = ckpt.get("unigendet")
+    if extra is None:
+        raise CheckpointError(f"{path} is not a unigendet training checkpoint (no 'unigendet' section)")
+    cfg = UniGenDetConfig.from_dict(extra["config"])
+    with torch.device("meta"):
+        model = UniGenDet(cfg).to(dtype)
+    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    report = LoadReport(files=[path.name])
+    ema = extra.get("ema", {}).get("shadow", {}) if use_ema else {}
+    targets = dict(model.named_parameters())
+    for name, p in targets.items():
+        value = ema.get(name, state.get(name))
+        if value is None:
+            report.missing.append(name)
+            continue
+        if tuple(value.shape) != tuple(p.shape):
+            raise CheckpointError(f"{path}: {name} has shape {list(value.shape)}, the config expects {list(p.shape)}")
+        _assign(model, name, value.to(device))
+        report.loaded.append(name)
+    report.unexpected = sorted(set(state) - set(targets))
+    if report.missing or report.unexpected:
+        raise CheckpointError(f"checkpoint {path} does not match its own config: {report}")
+    return model, report, extra.get("tokenizer_json")
+
+
 def load_model(folder: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
                strict: bool = True, cfg: UniGenDetConfig | None = None) -> tuple[UniGenDet, LoadReport]:
-    """Build the network described by a BAGEL / UniGenDet folder on the meta device and stream its weights in."""
+    """Build the network described by a BAGEL / UniGenDet folder on the meta device and stream its weights in.
+    A ``.ckpt`` file (a training checkpoint) is accepted too: its EMA weights when present."""
+    if Path(folder).suffix == ".ckpt":
+        model, report, _ = load_lightning_checkpoint(folder, device=device, dtype=dtype)
+        return model, report
     folder = Path(folder)
     cfg = cfg or UniGenDetConfig.from_bagel_dir(folder)
     with torch.device("meta"):

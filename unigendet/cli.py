@@ -2,7 +2,8 @@
 
 Commands:
 * ``fit`` / ``validate`` / ``test`` / ``predict`` - LightningCLI over ``LitUniGenDet`` and a DataModule from
-                     ``data_modules``: ``--config experiments/X.yaml`` (stackable), ``--print_config``, dotted overrides.
+                     ``data_modules``: ``--config experiments/X.yaml`` (stackable), ``--print_config``, dotted
+                     overrides.
 * ``info``         - describe a preset or a BAGEL/UniGenDet folder (sizes, parameter counts per part); with
                      ``--load`` stream the folder's weights in and print the load report.
 * ``detect``       - is this image fake, and why? One JSON line per image.
@@ -166,16 +167,24 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     model, report = load_model(args.ckpt)
     print(f"loaded {args.ckpt}: {report}", file=sys.stderr)
+    if Path(args.ckpt).suffix == ".ckpt":
+        from unigendet.checkpoint import load_lightning_checkpoint
+
+        tok_json = load_lightning_checkpoint(args.ckpt)[2]
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        if tok_json is not None:
+            (Path(args.out) / "tokenizer.json").write_text(tok_json)
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     out = save_folder(model, args.out, dtype=dtype, single_file=args.single_file,
                       max_shard_bytes=int(args.max_shard_gb * 1024**3))
-    copied = copy_tokenizer(args.ckpt, out)
+    copied = copy_tokenizer(args.ckpt, out) if Path(args.ckpt).is_dir() else ["tokenizer.json"]
     print(json.dumps({"out": str(out), "files": sorted(p.name for p in out.iterdir()), "tokenizer": copied}))
     return 0
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, help="a BAGEL / UniGenDet model folder (weights, configs, tokenizer)")
+    p.add_argument("--ckpt", required=True, help="a BAGEL / UniGenDet model folder, or a training checkpoint (.ckpt; "
+                                                 "its EMA weights)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--no-progress", action="store_true")

@@ -245,8 +245,21 @@ class UniGenDetPipeline(Engine):
         from unigendet.checkpoint import load_model
 
         path = Path(path)
-        model, report = load_model(path, device=device, dtype=dtype, strict=strict)
-        pipe = cls(model, Tokenizer(path))
+        if path.suffix == ".ckpt":  # a training checkpoint carries its tokenizer
+            import tempfile
+
+            from unigendet.checkpoint import load_lightning_checkpoint
+
+            model, report, tok_json = load_lightning_checkpoint(path, device=device, dtype=dtype)
+            if tok_json is None:
+                raise ValueError(f"{path} holds no tokenizer (it was saved without a data module)")
+            with tempfile.TemporaryDirectory() as d:
+                (Path(d) / "tokenizer.json").write_text(tok_json)
+                tokenizer = Tokenizer(Path(d) / "tokenizer.json")
+        else:
+            model, report = load_model(path, device=device, dtype=dtype, strict=strict)
+            tokenizer = Tokenizer(path)
+        pipe = cls(model, tokenizer)
         pipe.load_report, pipe.source = report, path
         return pipe
 

@@ -143,6 +143,9 @@ class LitUniGenDet(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
+        layer = self.sched.diga_layer or self.cfg.head.diga_layer
+        if self.sched.diga and not 1 <= layer <= self.cfg.mot.n_layers:
+            raise ValueError(f"diga_layer {layer} is outside the model's 1..{self.cfg.mot.n_layers} decoder layers")
         torch.manual_seed(self.hparams.seed)
         model = UniGenDet(self.cfg)
         model.init_weights()

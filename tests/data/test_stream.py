@@ -129,6 +129,12 @@ def test_each_loader_epoch_yields_its_length_even_when_not_drained():
         assert [next(it) is not None for _ in range(3)] == [True] * 3
 
 
+def test_a_corpus_of_only_bad_records_is_an_error_not_a_hang():
+    ds = make([Rec("bad1", -1), Rec("bad2", -1), Rec("huge", 100)], packs_per_epoch=1)
+    with pytest.raises(RuntimeError, match="no usable sample"):
+        next(iter(loader(ds)))
+
+
 def test_state_of_another_rank_is_refused():
     ds = make(records(), rank=0, world_size=2)
     state = ds.state_dict()
