@@ -219,7 +219,13 @@ def lightning_main(argv: list[str]) -> int:
 
 # commands with their own argument parsers (they live in data_modules, which may import unigendet, not vice versa
 # at import time: these are imported only when called)
-DELEGATED = {"inspect-data": _inspect_data, "demo-data": _demo_data}
+def _demo(argv: list[str]) -> int:
+    from unigendet.demo import main_demo
+
+    return main_demo(argv)
+
+
+DELEGATED = {"inspect-data": _inspect_data, "demo-data": _demo_data, "demo": _demo}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=cmd_export)
     for name, help_text in (("inspect-data", "check a corpus before a long run (see `unigendet inspect-data -h`)"),
                             ("demo-data", "build the embedded demo corpus (see `unigendet demo-data -h`)"),
+                            ("demo", "the embedded default: corpus, training, held-out evaluation, samples"),
                             *((c, f"LightningCLI {c} (see `unigendet {c} -h`)") for c in LIGHTNING_COMMANDS)):
         sub.add_parser(name, help=help_text, add_help=False)
     return parser

@@ -168,6 +168,7 @@ class DetHeadConfig:
     diga: bool = True  # build the DIGA projector (`diga_mlp.*`)
     diga_layer: int = 8  # hidden states "after layer l" (1-based count of decoder layers)
     diga_mult: int = 4
+    zero_init: bool = True  # last layer starts at zero (keeps a pretrained decoder's start); off when from scratch
 
 
 @dataclass

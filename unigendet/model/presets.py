@@ -31,7 +31,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "max_patches_per_side": 16},
         "vae": {"kind": "pixel", "downsample": 4, "z_channels": 48, "scale_factor": 2.0, "shift_factor": 0.0},
         "flow": {"latent_patch_size": 2, "max_latent_size": 16, "sample_steps": 25},
-        "head": {"diga_layer": 2},
+        "head": {"diga_layer": 2, "zero_init": False},  # trained from scratch: nothing to keep unchanged
         "tokens": {"bos": 2044, "eos": 2045, "vision_start": 2046, "vision_end": 2047},
     },
     "debug": {

@@ -109,7 +109,8 @@ class UniGenDet(nn.Module):
                     module.reset_parameters()
                 elif hasattr(module, "init_weights"):
                     module.init_weights()
-        for name, zero in (("llm2vae", self.llm2vae), ("det_head", self.det_head.fc2)):
+        zeroed = [("llm2vae", self.llm2vae)] + ([("det_head", self.det_head.fc2)] if self.cfg.head.zero_init else [])
+        for name, zero in zeroed:
             if name in names:
                 nn.init.zeros_(zero.weight)
                 nn.init.zeros_(zero.bias)
