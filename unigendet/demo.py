@@ -26,20 +26,20 @@ from pathlib import Path
 REPO_EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
-def build_corpus(out: Path, seed: int) -> Path:
+def build_corpus(out: Path, seed: int, small: bool = False) -> Path:
     corpus = out / "corpus"
     if (corpus / "manifest.json").exists():
         print(f"[demo] corpus already built: {corpus}", file=sys.stderr)
         return corpus
-    from data_modules.demo_corpus import build_demo_corpus
+    from data_modules.demo_corpus import FULL, SMALL, build_demo_corpus
 
     t0 = time.perf_counter()
-    build_demo_corpus(corpus, seed=seed)
+    build_demo_corpus(corpus, seed=seed, **(SMALL if small else FULL))
     print(f"[demo] built the corpus in {time.perf_counter() - t0:.0f} s: {corpus}", file=sys.stderr)
     return corpus
 
 
-def train(out: Path, config: Path, extra: list[str]) -> tuple[Path, float, str | None]:
+def train(out: Path, corpus: Path, config: Path, extra: list[str]) -> tuple[Path, float, str | None]:
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
@@ -47,7 +47,10 @@ def train(out: Path, config: Path, extra: list[str]) -> tuple[Path, float, str |
 
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
-    args = [f"--config={config}", f"--trainer.default_root_dir={out}", *extra]
+    args = [f"--config={config}", f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
+            f"--data.train={corpus}/detection/train.json", f"--data.val={corpus}/detection/val.json",
+            f"--data.tokenizer={corpus}/tokenizer.json", f"--data.gen.train={corpus}/t2i/train.jsonl",
+            f"--data.gen.val={corpus}/t2i/val.jsonl", *extra]
     cli = LightningCLI(LitUniGenDet, L.LightningDataModule, subclass_mode_data=True, args=args, run=False,
                        auto_configure_optimizers=False, save_config_kwargs={"overwrite": True})
     t0 = time.perf_counter()
@@ -132,6 +135,7 @@ def main_demo(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="demo-run")
     ap.add_argument("--config", default=str(REPO_EXPERIMENTS / "demo.yaml"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--small", action="store_true", help="the few-second corpus (tests)")
     ap.add_argument("--panel", type=int, default=16, help="held-out images whose explanation is decoded")
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--sample-px", type=int, default=96)
@@ -140,8 +144,8 @@ def main_demo(argv: list[str] | None = None) -> int:
     args, unknown = ap.parse_known_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    corpus = build_corpus(out, args.seed)
-    ckpt, seconds, wandb_dir = train(out, Path(args.config), [*args.overrides, *unknown])
+    corpus = build_corpus(out, args.seed, args.small)
+    ckpt, seconds, wandb_dir = train(out, corpus, Path(args.config), [*args.overrides, *unknown])
     metrics, pipe = evaluate(ckpt, corpus, out, args.panel, args.seed)
     grid = sample_grid(pipe, corpus, out, args.samples, args.seed, args.sample_px, args.sample_steps)
     print(f"[demo] samples: {grid}; W&B offline run: {wandb_dir} (sync with `wandb sync {wandb_dir}`)",

@@ -1,0 +1,34 @@
+"""`unigendet demo` end to end at test size: corpus, training, held-out evaluation, samples, W&B offline run, and a
+JSON summary as the last stdout line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from unigendet.demo import main_demo
+
+
+def test_demo_runs_end_to_end_and_reports_json(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    out = tmp_path / "run"
+    code = main_demo(["--out", str(out), "--small", "--panel", "2", "--samples", "2", "--sample-px", "32",
+                      "--sample-steps", "2", "--trainer.max_steps=3", "--trainer.val_check_interval=3",
+                      "--trainer.limit_val_batches=2", "--data.num_workers=0", "--trainer.enable_progress_bar=false"])
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert {"heldout_acc", "heldout_f1", "heldout_rouge_l", "train_seconds", "checkpoint", "samples"} <= set(summary)
+    assert 0.0 <= summary["heldout_acc"] <= 1.0 and 0.0 <= summary["heldout_f1"] <= 1.0
+    assert 0.0 <= summary["heldout_rouge_l"] <= 1.0 and summary["train_seconds"] > 0
+    assert summary["heldout_images"] > 0 and summary["explained"] == 2
+    assert (out / "corpus" / "manifest.json").exists()
+    assert summary["checkpoint"].endswith(".ckpt") and Path(summary["checkpoint"]).exists()
+    grid = Image.open(summary["samples"])
+    assert grid.size == (64, 32)  # 2 samples of 32 px side by side
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
+    assert summary["wandb"] and str(out / "wandb") in summary["wandb"]
