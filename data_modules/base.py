@@ -132,6 +132,11 @@ class StreamDataModule(L.LightningDataModule):
     def test_dataloader(self):
         return self.loader(self.stream("test", budget=self.token_budget, packs_per_epoch=None, one_pass=True))
 
+    def predict_dataloader(self):
+        """The test split (else val), one pass, for ``predict``."""
+        split = "test" if self.test is not None else "val"
+        return self.loader(self.stream(split, budget=self.token_budget, packs_per_epoch=None, one_pass=True))
+
     def loader(self, dataset) -> StatefulDataLoader:
         # persistent workers break resume (torchdata/datasets reports); one item is already a packed batch
         return StatefulDataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False)

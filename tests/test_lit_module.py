@@ -222,6 +222,16 @@ def test_checkpoint_resume_continues_the_step_count_and_exports(corpus, tmp_path
     assert {**exported, "name": None} == {**pipe.cfg.to_dict(), "name": None}
 
 
+def test_predict_gives_p_fake_for_every_held_out_sample(corpus, tmp_path):
+    lit, dm = make(corpus, data={"test": str(corpus / "detection/test.json")})
+    preds = [p for batch in trainer(tmp_path, 1).predict(lit, datamodule=dm) for p in batch]
+    import json
+
+    n_test = len(json.loads((corpus / "detection/test.json").read_text()))
+    assert len(preds) == n_test and len({p["id"] for p in preds}) == n_test
+    assert all(0.0 <= p["p_fake"] <= 1.0 and p["label"] in (0, 1) for p in preds)
+
+
 def pipe_image():
     from PIL import Image
 

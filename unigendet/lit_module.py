@@ -433,6 +433,16 @@ class LitUniGenDet(L.LightningModule):
             self._ema_ctx = None
         self.log_dict({f"test/{k}": v for k, v in detection_metrics(self._val).items()}, sync_dist=True)
 
+    @torch.no_grad()
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
+        """Head-only detection over a loader's detection batches: one record per sample."""
+        if isinstance(batch, dict):
+            batch = batch["det"]
+        out = self.model(batch)
+        p_fake = torch.softmax(out["det_logits"].float(), -1)[:, 0].tolist()
+        return [{"id": sid, "p_fake": p, "label": int(y)}
+                for sid, p, y in zip(batch.sample_ids, p_fake, batch.det_labels.tolist(), strict=True)]
+
     # ----------------------------------------------------------------------------------------------
     # checkpoints
     # ----------------------------------------------------------------------------------------------
