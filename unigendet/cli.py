@@ -111,8 +111,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
         for path in batch:
             skips = SkipCounter()
             img = open_image(str(path), skips, str(path), max_pixels=args.max_pixels)
-            if img is not None and pipe.vit_tf.check(img):
-                skips.skip(pipe.vit_tf.check(img), str(path))
+            reason = pipe.vit_tf.check(img) if img is not None else None
+            if reason:
+                skips.skip(reason, str(path))
                 img = None
             if img is None:
                 reason = next(iter(skips.counts))

@@ -279,11 +279,16 @@ class LitUniGenDet(L.LightningModule):
             params = [p for p in self.model.parameters() if p.requires_grad]
         if clip:
             torch.nn.utils.clip_grad_norm_(params, clip)
-        if not first:  # Lightning counts optimiser steps as global steps: only the first one of a batch counts
-            prof = self.trainer.profiler
-            opt._on_before_step = lambda: prof.start("optimizer_step")
-            opt._on_after_step = lambda: prof.stop("optimizer_step")
+        if not first:
+            self._uncounted(opt)
         opt.step()
+
+    def _uncounted(self, opt) -> None:
+        """Lightning counts optimiser steps as global steps (#17958): only the first step of a batch may count.
+        Lightning re-installs these hooks every batch, so this lasts for the current batch only."""
+        prof = self.trainer.profiler
+        opt._on_before_step = lambda: prof.start("optimizer_step")
+        opt._on_after_step = lambda: prof.stop("optimizer_step")
 
     def training_step(self, batch: dict[str, PackedBatch], batch_idx: int) -> None:
         step = self.counters["batches"]
@@ -346,9 +351,7 @@ class LitUniGenDet(L.LightningModule):
 
     def _update_step_only(self, opt) -> None:
         """Step a second optimiser on gradients already computed (joint mode), without counting a global step."""
-        prof = self.trainer.profiler
-        opt._on_before_step = lambda: prof.start("optimizer_step")
-        opt._on_after_step = lambda: prof.stop("optimizer_step")
+        self._uncounted(opt)
         opt.step()
 
     # ----------------------------------------------------------------------------------------------
