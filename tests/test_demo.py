@@ -13,7 +13,8 @@ from unigendet.demo import main_demo
 
 def test_demo_runs_end_to_end_and_reports_json(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb-home"))
     out = tmp_path / "run"
     code = main_demo(["--out", str(out), "--small", "--panel", "2", "--samples", "2", "--sample-px", "32",
                       "--sample-steps", "2", "--trainer.max_steps=3", "--trainer.val_check_interval=3",
