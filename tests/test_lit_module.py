@@ -232,6 +232,18 @@ def test_predict_gives_p_fake_for_every_held_out_sample(corpus, tmp_path):
     assert all(0.0 <= p["p_fake"] <= 1.0 and p["label"] in (0, 1) for p in preds)
 
 
+def test_validation_reports_detection_metrics_and_saves_samples(corpus, tmp_path):
+    lit, dm = make(corpus, val_samples=2, val_sample_px=32, val_sample_steps=2)
+    tr = trainer(tmp_path, 2, limit_val_batches=3, val_check_interval=2)
+    tr.fit(lit, datamodule=dm)
+    metrics = tr.callback_metrics
+    assert 0.0 <= metrics["val/acc"] <= 1.0 and 0.0 <= metrics["val/f1"] <= 1.0 and metrics["val/loss_mse"] > 0
+    (grid,) = (tmp_path / "samples").glob("step_*.png")
+    from PIL import Image
+
+    assert Image.open(grid).size == (64, 32)
+
+
 def pipe_image():
     from PIL import Image
 

@@ -108,7 +108,7 @@ class LitUniGenDet(L.LightningModule):
     def __init__(self, model: str = "tiny", model_overrides: dict | None = None, init_from: str | None = None,
                  loss: LossWeights | None = None, schedule: Schedule | None = None, optim: OptimConfig | None = None,
                  freeze: list[str] | None = None, ema_decay: float | None = 0.999, attn_backend: str = "auto",
-                 seed: int = 0) -> None:
+                 seed: int = 0, val_samples: int = 0, val_sample_px: int = 64, val_sample_steps: int = 10) -> None:
         """
         Args:
             model: a preset name (``tiny``, ``demo``, ``debug``, ``bagel-7b-mot``) or a BAGEL / UniGenDet folder.
@@ -116,6 +116,8 @@ class LitUniGenDet(L.LightningModule):
             init_from: weights to start from: a BAGEL / UniGenDet folder (random init when None).
             freeze: top-level parts to freeze (``vit``, ``embed``, ...); the VAE is always frozen.
             ema_decay: EMA of the weights (None: off).
+            val_samples: after each validation, generate this many images (EMA weights, fixed prompts and seeds,
+                so runs and steps are comparable) into ``<root>/samples/step_<k>.png`` and to the logger.
         """
         super().__init__()
         self.automatic_optimization = False
@@ -125,7 +127,9 @@ class LitUniGenDet(L.LightningModule):
         self.save_hyperparameters({"model": model, "model_overrides": model_overrides or {}, "init_from": init_from,
                                    "loss": dataclasses.asdict(self.loss_w), "schedule": dataclasses.asdict(self.sched),
                                    "optim": dataclasses.asdict(self.optim_cfg), "freeze": list(freeze or []),
-                                   "ema_decay": ema_decay, "attn_backend": attn_backend, "seed": seed})
+                                   "ema_decay": ema_decay, "attn_backend": attn_backend, "seed": seed,
+                                   "val_samples": val_samples, "val_sample_px": val_sample_px,
+                                   "val_sample_steps": val_sample_steps})
         if Path(model).is_dir():
             self.cfg = UniGenDetConfig.from_bagel_dir(model)
         else:
@@ -426,6 +430,30 @@ class LitUniGenDet(L.LightningModule):
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=False, sync_dist=True)
         if "acc" in metrics:
             self.log("val_acc", metrics["acc"], prog_bar=True)
+        if self.hparams.val_samples and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self.save_val_samples()
+
+    def save_val_samples(self) -> Path:
+        """A grid of images for fixed held-out (else training) captions and seeds, from the EMA weights."""
+        from PIL import Image
+
+        dm = self.trainer.datamodule
+        gen_dm = getattr(dm, "gen_dm", dm)
+        split = "val" if getattr(gen_dm, "val", None) else "train"
+        records = gen_dm.split_records(split)[: self.hparams.val_samples]
+        px = self.hparams.val_sample_px
+        images = self.generate_images([r.prompt for r in records], height=px, width=px,
+                                      steps=self.hparams.val_sample_steps, seed=0, use_ema=True)
+        grid = Image.new("RGB", (px * len(images), px), "white")
+        for k, img in enumerate(images):
+            grid.paste(img, (k * px, 0))
+        path = Path(self.trainer.default_root_dir) / "samples" / f"step_{self.global_step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        if self.logger is not None and hasattr(self.logger, "log_image"):
+            self.logger.log_image(key="val/samples", images=images, caption=[r.prompt for r in records],
+                                  step=self.global_step)
+        return path
 
     on_test_epoch_start = on_validation_epoch_start
     test_step = validation_step
