@@ -147,13 +147,13 @@ class PackedStream(IterableDataset):
         if st["yielded"] >= quota:  # the previous loader epoch ended (a sized loader never asks past its length)
             st["yielded"] = 0
         order = self.shard_order(st["epoch"], shard, n_shards)
-        cache: dict[tuple[int, int], dict] = {}
+        cache: dict[tuple[int, int], tuple[dict, int]] = {}  # the overflow sample, already planned
         failures = 0  # consecutive records that could not be used; a whole shard of them is an error, not a hang
 
         def next_candidate():
             """(epoch, index) of the next sample to place: first the overflow buffer, then the shard."""
             if st["pending"]:
-                return st["pending"][0], True
+                return st["pending"][0]
             nonlocal order
             while st["pos"] >= len(order):
                 st["epoch"] += 1
@@ -165,28 +165,23 @@ class PackedStream(IterableDataset):
             key = (st["epoch"], order[st["pos"]])
             st["pos"] += 1
             st["pending"].append(key)
-            return key, False
+            return key
 
         while st["yielded"] < quota:
             chosen: list[dict] = []
             keys: list[tuple[int, int]] = []
             tokens = 0
             while True:
-                key, _ = next_candidate()
-                plans = cache.pop(key, None) or self._plan(*key)
-                if plans is None:  # the planner counted the skip
+                key = next_candidate()
+                usable = cache.pop(key) if key in cache else self._usable(key)
+                if usable is None:  # skipped and counted
                     st["pending"].pop(0)
                     failures = self._fail(failures, len(order), shard)
                     continue
-                n = plan_tokens(next(iter(plans.values())), self.cfg)
-                if n > self.max_sample_tokens:
-                    self.skips.skip("too_many_tokens", self._record_id(key), f"{n} > {self.max_sample_tokens}")
-                    st["pending"].pop(0)
-                    failures = self._fail(failures, len(order), shard)
-                    continue
+                plans, n = usable
                 failures = 0
                 if chosen and tokens + n > self.token_budget:
-                    cache[key] = plans  # overflow: it opens the next pack
+                    cache[key] = (plans, n)  # overflow: it opens the next pack
                     break
                 chosen.append(plans)
                 keys.append(key)
@@ -202,13 +197,10 @@ class PackedStream(IterableDataset):
         chosen, keys, tokens = [], [], 0
         for index in self.shard_order(0, shard, n_shards):
             key = (0, index)
-            plans = self._plan(*key)
-            if plans is None:
+            usable = self._usable(key)
+            if usable is None:
                 continue
-            n = plan_tokens(next(iter(plans.values())), self.cfg)
-            if n > self.max_sample_tokens:
-                self.skips.skip("too_many_tokens", self._record_id(key), f"{n} > {self.max_sample_tokens}")
-                continue
+            plans, n = usable
             if chosen and tokens + n > self.token_budget:
                 yield self._collate(chosen, keys)
                 chosen, keys, tokens = [], [], 0
@@ -217,6 +209,17 @@ class PackedStream(IterableDataset):
             tokens += n
         if chosen:
             yield self._collate(chosen, keys)
+
+    def _usable(self, key: tuple[int, int]) -> tuple[dict, int] | None:
+        """(plans, tokens) of a record, or None after counting why it cannot be used."""
+        plans = self._plan(*key)
+        if plans is None:  # the planner counted the skip
+            return None
+        n = plan_tokens(next(iter(plans.values())), self.cfg)
+        if n > self.max_sample_tokens:
+            self.skips.skip("too_many_tokens", self._record_id(key), f"{n} > {self.max_sample_tokens}")
+            return None
+        return plans, n
 
     def _fail(self, failures: int, shard_size: int, shard: int) -> int:
         failures += 1

@@ -422,10 +422,13 @@ class LitUniGenDet(L.LightningModule):
             out = self.model(batch, noise=noise)
             self._val["mse"].append(out["mse"].mean(-1).detach().cpu())
 
-    def on_validation_epoch_end(self) -> None:
+    def _leave_ema(self) -> None:
         if self._ema_ctx is not None:
             self._ema_ctx.__exit__(None, None, None)
             self._ema_ctx = None
+
+    def on_validation_epoch_end(self) -> None:
+        self._leave_ema()
         metrics = detection_metrics(self._val)
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=False, sync_dist=True)
         if "acc" in metrics:
@@ -459,9 +462,7 @@ class LitUniGenDet(L.LightningModule):
     test_step = validation_step
 
     def on_test_epoch_end(self) -> None:
-        if self._ema_ctx is not None:
-            self._ema_ctx.__exit__(None, None, None)
-            self._ema_ctx = None
+        self._leave_ema()
         self.log_dict({f"test/{k}": v for k, v in detection_metrics(self._val).items()}, sync_dist=True)
 
     @torch.no_grad()
