@@ -21,6 +21,7 @@ Features:
 
 from __future__ import annotations
 
+import logging
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -31,6 +32,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from unigendet.model.config import UniGenDetConfig
 from unigendet.model.packing import SamplePlan, TextSplit, VAESplit, ViTSplit, pack
 from unigendet.skips import SkipCounter
+
+log = logging.getLogger("unigendet.data")
 
 # (record, generator, skips) -> plan(s), or None after counting the skip in ``skips``
 Planner = Callable[[Any, torch.Generator, SkipCounter], "SamplePlan | dict[str, SamplePlan] | None"]
@@ -119,9 +122,17 @@ class PackedStream(IterableDataset):
                 "skips": self.skips.state_dict(), "rank": self.rank, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if (state.get("rank", self.rank), state.get("world_size", self.world_size)) != (self.rank, self.world_size):
+        """Continue exactly where ``state`` left off. A state written for another world size (a run resumed on
+        more or fewer processes) cannot say which records this shard has seen: the stream then restarts the saved
+        record epoch from its beginning (logged); the samples of that epoch seen before are seen again."""
+        if state.get("world_size", self.world_size) != self.world_size:
+            log.warning("data stream state from %s processes resumed on %s: record epoch %d restarts from its start",
+                        state.get("world_size"), self.world_size, state["epoch"])
+            self._state = {"epoch": state["epoch"], "pos": 0, "pending": [], "yielded": state["yielded"]}
+            return
+        if state.get("rank", self.rank) != self.rank:
             raise ValueError(f"stream state of rank {state.get('rank')}/{state.get('world_size')} cannot resume "
-                             f"rank {self.rank}/{self.world_size}")
+                             f"rank {self.rank}/{self.world_size} (each rank must load its own state)")
         self._state = {"epoch": state["epoch"], "pos": state["pos"],
                        "pending": [tuple(p) for p in state["pending"]], "yielded": state["yielded"]}
         self.skips.load_state_dict(state.get("skips", {}))

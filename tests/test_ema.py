@@ -167,8 +167,9 @@ def test_state_dict_round_trip_continues_identically():
     model = Toy()
     ema = EMA(model, decay=0.9, warmup=True)
     _run(ema, model, [(1.0, 2.0), (3.0, -1.0)])
-    state = {k: ({n: t.clone() for n, t in v.items()} if k == "shadow" else v) for k, v in ema.state_dict().items()}
-    assert (state["n_updates"], state["decay"], state["warmup"]) == (2, 0.9, True)
+    state = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in ema.state_dict().items()}
+    assert set(state) == {"w", "n_updates_", "_extra_state"}
+    assert (int(state["n_updates_"]), state["_extra_state"]) == (2, {"decay": 0.9, "warmup": True})
 
     resumed = EMA(Toy(), decay=0.5, warmup=False)  # other settings: the state wins
     resumed.load_state_dict(state)
@@ -180,6 +181,23 @@ def test_state_dict_round_trip_continues_identically():
     assert resumed.n_updates == 4
 
 
+def test_a_parent_state_dict_carries_the_ema():
+    """Lightning checkpoints the EMA as part of the LightningModule: a parent's state_dict round-trips it."""
+    class Parent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = Toy()
+            self.ema = EMA(self.net, decay=0.5, warmup=False)
+
+    a = Parent()
+    _run(a.ema, a.net, [(2.0, 2.0)])
+    assert {"ema.w", "ema.n_updates_", "ema._extra_state"} <= set(a.state_dict())
+    b = Parent()
+    b.ema.decay = 0.25
+    b.load_state_dict(a.state_dict())
+    assert b.ema.shadow["w"].tolist() == [1.0, 6.0] and b.ema.n_updates == 1 and b.ema.decay == 0.5
+
+
 def test_load_state_dict_refuses_other_names_and_shapes():
     ema = EMA(Toy())
     other = EMA(nn.Linear(2, 2)).state_dict()
@@ -187,9 +205,9 @@ def test_load_state_dict_refuses_other_names_and_shapes():
         ema.load_state_dict(other)
     state = ema.state_dict()
     with pytest.raises(ValueError, match="shapes"):
-        ema.load_state_dict({**state, "shadow": {"w": torch.zeros(3)}})
+        ema.load_state_dict({**state, "w": torch.zeros(3)})
     with pytest.raises(ValueError, match="decay"):
-        ema.load_state_dict({**state, "decay": 1.0})
+        ema.load_state_dict({**state, "_extra_state": {"decay": 1.0, "warmup": True}})
 
 
 def test_update_on_a_model_without_the_tracked_parameters_raises():

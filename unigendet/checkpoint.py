@@ -201,7 +201,10 @@ def load_lightning_checkpoint(path: str | Path, *, device: str = "cpu", dtype: t
         model = UniGenDet(cfg).to(dtype)
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     report = LoadReport(files=[path.name])
-    ema = extra.get("ema", {}).get("shadow", {}) if use_ema else {}
+    ema = {}
+    if use_ema:  # the EMA is the submodule ``ema`` (parameter names with "." written "__")
+        ema = {k[len("ema."):].replace("__", "."): v for k, v in ckpt["state_dict"].items()
+               if k.startswith("ema.") and k not in ("ema.n_updates_", "ema._extra_state")}
     targets = dict(model.named_parameters())
     for name, p in targets.items():
         value = ema.get(name, state.get(name))

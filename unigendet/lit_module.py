@@ -38,6 +38,7 @@ from unigendet.model.config import UniGenDetConfig
 from unigendet.model.packing import PackedBatch, SamplePlan, TextSplit, VAESplit, ViTSplit, pack
 from unigendet.model.unigendet import UniGenDet
 from unigendet.optim import OptimConfig, build_optimizer, build_scheduler, partition
+from unigendet.resume import gather_per_rank, loader_states, rng_state, set_loader_states, set_rng_state, world
 
 log = logging.getLogger("unigendet.train")
 
@@ -135,7 +136,11 @@ class LitUniGenDet(L.LightningModule):
         else:
             self.cfg = UniGenDetConfig.from_name(model, **(model_overrides or {}))
         self.model: UniGenDet | None = None
-        self._teacher: list[UniGenDet] = []  # a list keeps the frozen teacher out of the module tree / state_dict
+        # the "frozen" teacher sits in a list, out of the module tree and the checkpoints: it is rebuilt from the
+        # initial weights by configure_model; a "snapshot" teacher is the submodule ``teacher_net`` (checkpointed)
+        self._teacher: list[UniGenDet] = []
+        self.teacher_net: UniGenDet | None = None
+        self._pending_rng: dict | None = None
         self.ema: EMA | None = None
         self.counters = {"batches": 0, "skipped_nan": 0, "fresh_fakes_seen": 0}
         self._fresh: list[SamplePlan] = []
@@ -184,15 +189,22 @@ class LitUniGenDet(L.LightningModule):
         teacher = copy.deepcopy(self.model)
         if self.sched.teacher_from_ema and self.ema is not None:
             self.ema.copy_to(teacher)
-        self._teacher = [teacher.requires_grad_(False).eval()]
+        teacher.requires_grad_(False).eval()
+        if self.sched.teacher == "snapshot":
+            self.teacher_net = teacher  # refreshed during training: checkpointed, so a resume continues with it
+        else:
+            self._teacher = [teacher]
 
     @property
     def teacher(self) -> UniGenDet | None:
-        if not self._teacher:
+        teacher = self.teacher_net if self.teacher_net is not None else (self._teacher[0] if self._teacher else None)
+        if teacher is None:
             return None
-        if self._teacher[0].embed.weight.device != self.model.embed.weight.device:
-            self._teacher[0].to(self.model.embed.weight.device)
-        return self._teacher[0]
+        if teacher.training:  # Lightning puts every submodule in train mode at the start of fit
+            teacher.eval()
+        if teacher.embed.weight.device != self.model.embed.weight.device:
+            teacher.to(self.model.embed.weight.device)
+        return teacher
 
     def configure_optimizers(self):
         sides = partition(self.model, self.optim_cfg.shared)
@@ -263,16 +275,21 @@ class LitUniGenDet(L.LightningModule):
     # training
     # ----------------------------------------------------------------------------------------------
     def _check(self, losses: dict[str, Tensor], step: int) -> bool:
-        for name, value in losses.items():
-            if not name.startswith("_") and not torch.isfinite(value):
-                if self.sched.on_nan == "raise":
-                    raise FloatingPointError(f"non-finite {name} = {value.item()} at step {step}; set "
-                                             "schedule.on_nan=skip to skip such updates instead")
-                self.counters["skipped_nan"] += 1
-                log.warning("step %d: non-finite %s, update skipped (%d so far)", step, name,
-                            self.counters["skipped_nan"])
-                return False
-        return True
+        """True when every loss term is finite on every rank (the ranks must agree: a rank that skipped an update
+        alone would leave the others waiting in its collectives)."""
+        names = [n for n in losses if not n.startswith("_")]
+        bad = torch.stack([~torch.isfinite(losses[n].detach()) for n in names]).float()
+        if self.trainer is not None and self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if not bad.any():
+            return True
+        name = names[int(bad.nonzero()[0])]
+        if self.sched.on_nan == "raise":
+            raise FloatingPointError(f"non-finite {name} = {losses[name].item()} at step {step} (on this or another "
+                                     "rank); set schedule.on_nan=skip to skip such updates instead")
+        self.counters["skipped_nan"] += 1
+        log.warning("step %d: non-finite %s, update skipped (%d so far)", step, name, self.counters["skipped_nan"])
+        return False
 
     def _update(self, opt, side: str, loss: Tensor, first: bool) -> None:
         params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
@@ -479,22 +496,43 @@ class LitUniGenDet(L.LightningModule):
     # checkpoints
     # ----------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["unigendet"] = {"config": self.cfg.to_dict(), "counters": dict(self.counters)}
-        if self.ema is not None:
-            checkpoint["unigendet"]["ema"] = self.ema.state_dict()
+        """Adds the config, counters, tokenizer and, gathered from every rank, each rank's RNG states and data
+        positions (Lightning keeps rank 0's only). The EMA and a "snapshot" DIGA teacher are submodules, so they
+        are in ``state_dict``; a "frozen" teacher is rebuilt from the initial weights."""
+        checkpoint["unigendet"] = {"config": self.cfg.to_dict(), "counters": dict(self.counters),
+                                   "ranks": gather_per_rank({"rng": rng_state(),
+                                                             "loaders": loader_states(checkpoint)})}
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None and getattr(dm, "tok", None) is not None:
             checkpoint["unigendet"]["tokenizer_json"] = dm.tok.path.read_text()
-        # the teacher is not saved: it is re-snapshotted at load (frozen) or at the next refresh (snapshot)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()
         extra = checkpoint.get("unigendet", {})
         self.counters.update(extra.get("counters", {}))
-        if self.ema is not None and "ema" in extra:
-            self.ema.load_state_dict(extra["ema"])
+        ranks = extra.get("ranks") or []
+        rank, size = world()
+        if len(ranks) == size:
+            set_loader_states(checkpoint, ranks[rank]["loaders"])
+            self._pending_rng = ranks[rank]["rng"]  # set when training resumes: loader setup draws from it first
+        elif ranks:
+            log.warning("checkpoint written by %d processes, resumed by %d: weights and optimiser states are "
+                        "resharded exactly; RNG states are not restored and each data stream restarts its record "
+                        "epoch", len(ranks), size)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._pending_rng is not None:
+            set_rng_state(self._pending_rng)
+            self._pending_rng = None
 
     def setup(self, stage: str) -> None:
+        from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+        from unigendet.ckpt_io import AtomicCheckpointIO
+
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # the default: make checkpoint writes atomic
+            strategy.checkpoint_io = AtomicCheckpointIO()
         self.configure_model()
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "connect") and getattr(dm, "cfg", None) is None:

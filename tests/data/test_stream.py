@@ -143,6 +143,22 @@ def test_state_of_another_rank_is_refused():
         other.load_state_dict(state)
 
 
+def test_state_from_another_world_size_restarts_its_record_epoch(caplog):
+    """A run resumed on fewer processes: the saved record epoch starts again from its beginning, logged."""
+    recs = records()
+    two = make(recs, rank=0, world_size=2, packs_per_epoch=200)
+    it = iter(two)
+    while two.state_dict()["epoch"] < 1 or two.state_dict()["pos"] < 3:  # into the second record epoch
+        next(it)
+    state = two.state_dict()
+    one = make(recs, rank=0, world_size=1, packs_per_epoch=200)
+    with caplog.at_level("WARNING", logger="unigendet.data"):
+        one.load_state_dict(state)
+    assert "record epoch 1 restarts" in caplog.text
+    resumed = ids_of([next(iter(one)) for _ in range(1)])
+    assert resumed == [recs[i].id for i in one.shard_order(1, 0, 1)[: len(resumed)]]
+
+
 def test_plan_tokens_matches_the_packer():
     plans = [text_planner(r, torch.Generator().manual_seed(0), None) for r in records(5)]
     from tests.conftest import mixed_plans

@@ -1,0 +1,49 @@
+"""StepLog: every training step's logged ``train/*`` values as one JSON line, for audits of exact resume.
+
+Rank 0 appends ``{"step": global_step, "batch": batches seen, "train/loss_det": ..., ...}`` after every training
+batch to ``path`` (default ``<default_root_dir>/steps.jsonl``), flushed at once, so a killed run leaves every
+completed step on disk. A resumed run appends to the same file: a step that was trained twice (after the last
+checkpoint of a killed run, then again after the resume) appears twice; :func:`read_step_log` keeps the last.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+
+class StepLog(Callback):
+    def __init__(self, path: str | None = None, prefix: str = "train/") -> None:
+        self.path = Path(path) if path else None
+        self.prefix = prefix
+
+    def _file(self, trainer: L.Trainer) -> Path:
+        return self.path or Path(trainer.default_root_dir) / "steps.jsonl"
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        if not trainer.is_global_zero:
+            return
+        row: dict[str, float | int] = {"step": trainer.global_step}
+        for key, value in trainer.callback_metrics.items():
+            if key.startswith(self.prefix):
+                row[key] = float(value)
+        path = self._file(trainer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps(row, allow_nan=True) + "\n")
+            f.flush()
+
+
+def read_step_log(path: str | Path) -> dict[int, dict[str, float]]:
+    """{step: values} from a StepLog file; when a step appears more than once, the last line wins."""
+    rows: dict[int, dict[str, float]] = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[int(row.pop("step"))] = {k: (math.nan if v is None else v) for k, v in row.items()}
+    return rows

@@ -1,0 +1,152 @@
+"""Exact resume: a co-evolution run killed with SIGKILL at a random step and resumed with ``--ckpt_path last``
+repeats the per-step losses of an uninterrupted run exactly (CPU, fp32); checkpoint writes are atomic."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from callbacks import read_step_log
+from tests.conftest import REPO
+
+EXPERIMENTS = REPO / "experiments"
+SMALL = {"mot": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "mlp_dim": 128},
+         "vit": {"dim": 32, "n_layers": 1, "n_heads": 2, "mlp_dim": 64}, "head": {"diga_layer": 1}}
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from data_modules.demo_corpus import SMALL as SMALL_CORPUS
+    from data_modules.demo_corpus import build_demo_corpus
+
+    out = tmp_path_factory.mktemp("demo_corpus")
+    build_demo_corpus(out, seed=0, **{k: v for k, v in SMALL_CORPUS.items() if k in ("n_real", "n_fake_per_family")})
+    return out
+
+
+def fit_command(corpus: Path, root: Path, *extra: str) -> list[str]:
+    """``python -m unigendet fit`` of the co-evolution stage (DIGA with a refreshed snapshot teacher, fresh fakes,
+    EMA, one DataLoader worker) on a test-sized model, checkpointing every step, logging every step's losses."""
+    trainer_cfg = root / "trainer.yaml"
+    trainer_cfg.parent.mkdir(parents=True, exist_ok=True)
+    trainer_cfg.write_text(json.dumps({"trainer": {"callbacks": [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(root / "ckpt"), "every_n_train_steps": 1, "save_last": True, "save_top_k": 1,
+                       "monitor": None}},
+        {"class_path": "callbacks.StepLog", "init_args": {"path": str(root / "steps.jsonl")}}]}}))
+    det = corpus / "detection"
+    return [sys.executable, "-m", "unigendet", "fit",
+            *[f"--config={EXPERIMENTS / c}" for c in ("base.yaml", "gduf.yaml", "coevolve.yaml")],
+            f"--config={trainer_cfg}",
+            "--model.model=demo", f"--model.model_overrides={SMALL}", "--model.init_from=null",
+            "--model.ema_decay=0.9", "--model.schedule.diga_layer=1", "--model.schedule.teacher_refresh=3",
+            "--model.schedule.fresh_fakes_every=2", "--model.schedule.fresh_fakes=2",
+            "--model.schedule.fresh_fake_px=32", "--model.schedule.fresh_fake_steps=2",
+            f"--trainer.max_steps={STEPS}", "--trainer.accelerator=cpu", "--trainer.logger=false",
+            "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={root}",
+            f"--data.train={det / 'train.json'}", f"--data.val={det / 'val.json'}",
+            f"--data.tokenizer={corpus / 'tokenizer.json'}", "--data.image_root=null", "--data.num_workers=1",
+            "--data.token_budget=900", "--data.packs_per_epoch=5",
+            f"--data.gen.train={corpus / 't2i/train.jsonl'}", "--data.gen.token_budget=400",
+            "--data.gen.image_column=image", "--data.gen.caption_column=caption", *extra]
+
+
+def run(cmd: list[str], log: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    log.write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, f"{' '.join(cmd[:4])} failed:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def test_sigkill_at_a_random_step_then_resume_repeats_the_uninterrupted_losses(corpus, tmp_path):
+    ref_root, cut_root = tmp_path / "reference", tmp_path / "interrupted"
+    run(fit_command(corpus, ref_root), tmp_path / "reference.log")
+    reference = read_step_log(ref_root / "steps.jsonl")
+    assert sorted(reference) == list(range(1, STEPS + 1))
+    logged = set().union(*reference.values())
+    assert {"train/loss_det", "train/loss_mse", "train/loss_diga", "train/loss_fresh"} <= logged
+
+    kill_after = random.Random().randint(2, STEPS - 2)  # steps completed before the SIGKILL
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    steps = cut_root / "steps.jsonl"
+    with open(tmp_path / "interrupted.log", "w") as out:
+        proc = subprocess.Popen(fit_command(corpus, cut_root), cwd=REPO, env=env, stdout=out, stderr=out,
+                                start_new_session=True)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if steps.exists() and len(steps.read_text().splitlines()) >= kill_after:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the run ended before step {kill_after}: see {tmp_path / 'interrupted.log'}"
+        os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its DataLoader worker, mid-step or mid-save
+        proc.wait()
+    done_before = len(read_step_log(steps))
+    assert done_before < STEPS, "the kill came too late to interrupt anything"
+
+    run(fit_command(corpus, cut_root, "--ckpt_path=last"), tmp_path / "resumed.log")
+    resumed = read_step_log(steps)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    diffs = {(step, key): (reference[step][key], resumed[step].get(key))
+             for step in reference for key in reference[step] if reference[step][key] != resumed[step].get(key)}
+    assert not diffs, f"killed after {kill_after} steps (logged {done_before}); differing (step, key): {diffs}"
+
+
+def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_intact(tmp_path):
+    """AtomicCheckpointIO writes a partial file next to the target and renames it into place: a writer killed
+    mid-write leaves the old checkpoint (complete, loadable), never a truncated file under the real name."""
+    target = tmp_path / "last.ckpt"
+    script = (
+        "import sys, torch\n"
+        "from unigendet.ckpt_io import AtomicCheckpointIO\n"
+        "n = int(sys.argv[2])\n"
+        "AtomicCheckpointIO().save_checkpoint({'version': n, 'blob': torch.full((n * 2_000_000,), float(n))},"
+        " sys.argv[1])\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-c", script, str(target), "1"], check=True, env=env, timeout=300)
+    killed_mid_write = 0
+    for attempt in range(6):
+        proc = subprocess.Popen([sys.executable, "-c", script, str(target), "40"], env=env)
+        # wait until the writer has started writing (a temporary file appears next to the target), then kill
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if (tmp_path / ".last.ckpt.partial").exists():
+                time.sleep(0.01 * attempt)
+                break
+            time.sleep(0.002)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            killed_mid_write += 1
+        proc.wait()
+        import torch
+
+        ckpt = torch.load(target, weights_only=True)
+        assert ckpt["version"] in (1, 40)
+        assert bool((ckpt["blob"] == float(ckpt["version"])).all()) and ckpt["blob"].numel() == ckpt["version"] * 2e6
+        if ckpt["version"] == 40:  # a writer finished: start again from the small one
+            subprocess.run([sys.executable, "-c", script, str(target), "1"], check=True, env=env, timeout=300)
+    assert killed_mid_write, "no writer was ever caught mid-write"
+
+
+def test_the_lightning_module_installs_the_atomic_io(tmp_path):
+    import lightning as L
+
+    from unigendet.ckpt_io import AtomicCheckpointIO
+    from unigendet.lit_module import LitUniGenDet
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, default_root_dir=tmp_path)
+    lit = LitUniGenDet(model="tiny")
+    trainer.strategy.connect(lit)
+    lit.trainer = trainer
+    lit.setup("fit")
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
