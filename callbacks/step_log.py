@@ -1,15 +1,16 @@
 """StepLog: every training step's logged ``train/*`` values as one JSON line, for audits of exact resume.
 
-Rank 0 appends ``{"step": global_step, "batch": batches seen, "train/loss_det": ..., ...}`` after every training
-batch to ``path`` (default ``<default_root_dir>/steps.jsonl``), flushed at once, so a killed run leaves every
-completed step on disk. A resumed run appends to the same file: a step that was trained twice (after the last
-checkpoint of a killed run, then again after the resume) appears twice; :func:`read_step_log` keeps the last.
+Rank 0 appends ``{"step": global_step, "train/loss_det": ..., ...}`` after every training batch to ``path``
+(default ``<default_root_dir>/steps.jsonl``), flushed at once, so a killed run leaves every completed step on disk.
+A resumed run appends to the same file: a step that was trained twice (after the last checkpoint of a killed run,
+then again after the resume) appears twice; :func:`read_step_log` keeps the last.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import lightning as L
@@ -29,7 +30,10 @@ class StepLog(Callback):
         if not trainer.is_global_zero:
             return
         row: dict[str, float | int] = {"step": trainer.global_step}
-        for key, value in trainer.callback_metrics.items():
+        # the step's own values when training_step returns them (LitUniGenDet does); else the latest logged ones,
+        # which keep a metric's last value on steps that did not log it
+        values = outputs if isinstance(outputs, Mapping) else trainer.callback_metrics
+        for key, value in values.items():
             if key.startswith(self.prefix):
                 row[key] = float(value)
         path = self._file(trainer)

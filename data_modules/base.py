@@ -6,6 +6,9 @@
   stores their position in its checkpoints and restores it on ``fit(ckpt_path=...)``;
 * the rank and world size come from the trainer at ``setup`` (0 / 1 standalone);
 * ``packs_per_epoch`` (packed batches per rank per loader epoch) defaults to an estimate from the first records;
+* data progress per worker, recorded from the batches actually trained on (``record_train_batch``, called by
+  the LightningModule), carried into the next loader epoch and through checkpoints (``train_progress`` /
+  ``set_train_progress``), see ``PackedStream``;
 * ``skip_metrics(batch)`` adds the skips found while reading the records to the running counts each loader
   worker attaches to its batches: the corpus-wide ``data/skipped/<reason>`` so far.
 """
@@ -51,6 +54,9 @@ class StreamDataModule(L.LightningDataModule):
     """DataLoader worker processes; records are sharded over (rank, worker)."""
     seed: int = 0
     """Shuffling and per-record randomness."""
+    replicate_across_ranks: bool = False
+    """Every rank reads the whole stream (the same batches on every rank) instead of its own shard: only for checking
+    a sharded run against a single-process one."""
     vit_min_side: int | None = None
     """Image side bounds for the ViT and the VAE (None: BAGEL's 224..980 / 512..1024, scaled to the preset)."""
     vit_max_side: int | None = None
@@ -64,6 +70,8 @@ class StreamDataModule(L.LightningDataModule):
         self._records: dict[str, Sequence] = {}
         self.read_skips = SkipCounter()
         self._shard_skips: dict[tuple[str, int], dict[str, int]] = {}
+        self._train_ds = None
+        self._pending_progress = None
 
     # ----------------------------------------------------------------------------------------------
     def connect(self, cfg: UniGenDetConfig) -> StreamDataModule:
@@ -85,7 +93,9 @@ class StreamDataModule(L.LightningDataModule):
 
     def _rank(self) -> tuple[int, int]:
         trainer = getattr(self, "_trainer", None)
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if trainer is None or self.replicate_across_ranks:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
 
     # ----------------------------------------------------------------------------------------------
     def split_records(self, split: str) -> Sequence:
@@ -124,7 +134,33 @@ class StreamDataModule(L.LightningDataModule):
         return Path(path)
 
     def train_dataloader(self):
-        return self.loader(self.stream("train", budget=self.token_budget, packs_per_epoch=self.packs_per_epoch))
+        return self.loader(self._track(self.stream("train", budget=self.token_budget,
+                                                   packs_per_epoch=self.packs_per_epoch)))
+
+    def _track(self, dataset):
+        """Remember the training dataset (progress is recorded into it) and give it a checkpoint's progress."""
+        self._train_ds = dataset
+        if self._pending_progress is not None:
+            dataset.set_progress(self._pending_progress)
+            self._pending_progress = None
+        return dataset
+
+    def record_train_batch(self, batch) -> None:
+        """Call with every training batch once it is trained on (the LightningModule does)."""
+        if self._train_ds is not None:
+            self._train_ds.record(batch)
+
+    def train_progress(self):
+        return self._train_ds.progress() if self._train_ds is not None else None
+
+    def set_train_progress(self, progress) -> None:
+        """Progress from a checkpoint: applied to the training dataset now, or when it is built."""
+        if progress is None:
+            return
+        if self._train_ds is not None:
+            self._train_ds.set_progress(progress)
+        else:
+            self._pending_progress = progress
 
     def val_dataloader(self):
         return self.loader(self.stream("val", budget=self.token_budget, packs_per_epoch=None, one_pass=True))
@@ -139,7 +175,10 @@ class StreamDataModule(L.LightningDataModule):
 
     def loader(self, dataset) -> StatefulDataLoader:
         # persistent workers break resume (torchdata/datasets reports); one item is already a packed batch
-        return StatefulDataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
+        # its own generator: a loader draws its workers' base seed when an epoch starts, which must not move the
+        # global RNG (a resumed run sets the RNG after the loader has started, an uninterrupted one before)
+        return StatefulDataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
+                                  generator=torch.Generator().manual_seed(self.seed))
 
     def skip_metrics(self, batch) -> dict[str, int]:
         """``data/skipped/<reason>``: skips found reading the records plus the latest running counts of every

@@ -47,6 +47,18 @@ class ZipStream(IterableDataset):
     def state_dict(self) -> dict:
         return {name: s.state_dict() for name, s in self.streams.items()}
 
+    def record(self, batch: dict) -> None:
+        """Per stream, the state its part of ``batch`` was produced with (see ``PackedStream.record``)."""
+        for name, s in self.streams.items():
+            s.record(batch[name])  # the generation stream's "teacher" packs share the state of its "gen" pack
+
+    def progress(self) -> dict:
+        return {name: s.progress() for name, s in self.streams.items()}
+
+    def set_progress(self, progress: dict) -> None:
+        for name, s in self.streams.items():
+            s.set_progress(progress.get(name, {}))
+
     def load_state_dict(self, state: dict) -> None:
         for name, s in self.streams.items():
             s.load_state_dict(state[name])
@@ -66,7 +78,8 @@ class CoEvolutionDataModule(DetectionDataModule):
 
         shared = {"tokenizer": self.tokenizer, "seed": self.seed + 1, "num_workers": self.num_workers,
                   "vit_min_side": self.vit_min_side, "vit_max_side": self.vit_max_side,
-                  "vae_min_side": self.vae_min_side, "vae_max_side": self.vae_max_side}
+                  "vae_min_side": self.vae_min_side, "vae_max_side": self.vae_max_side,
+                  "replicate_across_ranks": self.replicate_across_ranks}
         self.gen_dm = T2IDataModule(**{**shared, **_typed(T2IDataModule, self.gen)})
 
     def connect(self, cfg: UniGenDetConfig):
@@ -80,7 +93,7 @@ class CoEvolutionDataModule(DetectionDataModule):
     def train_dataloader(self):
         det = self.stream("train", budget=self.token_budget, packs_per_epoch=self.packs_per_epoch)
         gen = self.gen_dm.stream("train", budget=self.gen_dm.token_budget, packs_per_epoch=len(det))
-        return self.loader(ZipStream({"det": det, "gen": gen}))
+        return self.loader(self._track(ZipStream({"det": det, "gen": gen})))
 
     def val_dataloader(self):
         loaders = []

@@ -13,6 +13,11 @@ Features:
   loader Lightning checkpoints) holds the record epoch, the position, the pending (overflow) records, the packs
   yielded in the current loader epoch and the skip counts; ``load_state_dict`` continues with exactly the next
   samples;
+* progress survives loader epochs: DataLoader workers are new processes every loader epoch, started from the
+  main process's copy of the stream, so each pack carries its worker's state (``stats["stream_state"]``), the
+  main process records the state of every pack it trains on (:meth:`record`), and the next loader epoch's
+  workers start from it; :meth:`progress` / :meth:`set_progress` carry it through checkpoints (Lightning does
+  not restore loader state for a checkpoint taken at the end of a loader epoch);
 * ``__len__`` is the number of packs per loader epoch on this rank (each worker yields its share): Lightning skips
   its one-batch prefetch only for sized loaders, which is what keeps the saved state in step with training;
 * ``one_pass=True`` (evaluation): no shuffle, each record of the shard exactly once, the last pack flushed, then
@@ -90,6 +95,8 @@ class PackedStream(IterableDataset):
         if one_pass:
             self.shuffle = False
         self.skips = SkipCounter()
+        self._progress: dict[int, dict[str, Any]] = {}  # worker -> state after the last pack trained on
+        self._loaded = False  # a load_state_dict for the coming iteration (it wins over the recorded progress)
         self._state: dict[str, Any] = {"epoch": 0, "pos": 0, "pending": [], "yielded": 0}
 
     # ----------------------------------------------------------------------------------------------
@@ -97,6 +104,10 @@ class PackedStream(IterableDataset):
         if self.one_pass:
             raise TypeError("a one-pass stream has no length known in advance")
         return self.packs_per_epoch
+
+    def _worker(self) -> int:
+        info = get_worker_info()
+        return info.id if info is not None else 0
 
     def _shard(self) -> tuple[int, int, int]:
         info = get_worker_info()
@@ -121,6 +132,18 @@ class PackedStream(IterableDataset):
         return {**{k: (list(v) if isinstance(v, list) else v) for k, v in self._state.items()},
                 "skips": self.skips.state_dict(), "rank": self.rank, "world_size": self.world_size}
 
+    def record(self, batch) -> None:
+        """Note the worker state a pack (or ``{name: pack}``) was produced with: the pack has been trained on."""
+        for b in batch.values() if isinstance(batch, dict) else [batch]:
+            worker, state = b.stats["stream_state"]
+            self._progress[worker] = state
+
+    def progress(self) -> dict[int, dict[str, Any]]:
+        return {w: dict(st) for w, st in self._progress.items()}
+
+    def set_progress(self, progress: dict[int, dict[str, Any]]) -> None:
+        self._progress = {int(w): dict(st) for w, st in progress.items()}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where ``state`` left off. A state written for another world size (a run resumed on
         more or fewer processes) cannot say which records this shard has seen: the stream then restarts the saved
@@ -136,6 +159,7 @@ class PackedStream(IterableDataset):
         self._state = {"epoch": state["epoch"], "pos": state["pos"],
                        "pending": [tuple(p) for p in state["pending"]], "yielded": state["yielded"]}
         self.skips.load_state_dict(state.get("skips", {}))
+        self._loaded = True
 
     # ----------------------------------------------------------------------------------------------
     def _plan(self, epoch: int, index: int):
@@ -154,6 +178,9 @@ class PackedStream(IterableDataset):
         shard, n_shards, n_workers = self._shard()
         worker = shard - self.rank * n_workers
         quota = self._quota(worker, n_workers)
+        if not self._loaded and worker in self._progress:  # a new loader epoch: continue where training is
+            self.load_state_dict(self._progress[worker])
+        self._loaded = False
         st = self._state
         if st["yielded"] >= quota:  # the previous loader epoch ended (a sized loader never asks past its length)
             st["yielded"] = 0
@@ -250,5 +277,5 @@ class PackedStream(IterableDataset):
         for b in batches.values():
             # records: (record epoch, record index) of each sample; skipped: this worker's running skip counts
             b.stats = {"skipped": dict(self.skips.counts), "samples": len(chosen), "records": list(keys),
-                       "shard": self._shard()[0]}
+                       "shard": self._shard()[0], "stream_state": (self._worker(), self.state_dict())}
         return batches[""] if names == [""] else batches

@@ -33,9 +33,14 @@ def corpus(tmp_path_factory):
     return out
 
 
-def fit_command(corpus: Path, root: Path, *extra: str) -> list[str]:
+def fit_command(corpus: Path, root: Path, *extra: str, devices: int = 1, workers: int = 1) -> list[str]:
     """``python -m unigendet fit`` of the co-evolution stage (DIGA with a refreshed snapshot teacher, fresh fakes,
-    EMA, one DataLoader worker) on a test-sized model, checkpointing every step, logging every step's losses."""
+    EMA, DataLoader workers) on a test-sized model, checkpointing every step, logging every step's losses.
+    ``devices > 1``: that many CPU processes (gloo) under FSDP2 in fp32, every rank reading the same batches, so
+    the run must repeat a single process's losses."""
+    if devices > 1:
+        extra = ("--trainer.strategy=fsdp2", "--model.fsdp.param_dtype=fp32", "--data.replicate_across_ranks=true",
+                 *extra)
     trainer_cfg = root / "trainer.yaml"
     trainer_cfg.parent.mkdir(parents=True, exist_ok=True)
     trainer_cfg.write_text(json.dumps({"trainer": {"callbacks": [
@@ -51,11 +56,12 @@ def fit_command(corpus: Path, root: Path, *extra: str) -> list[str]:
             "--model.ema_decay=0.9", "--model.schedule.diga_layer=1", "--model.schedule.teacher_refresh=3",
             "--model.schedule.fresh_fakes_every=2", "--model.schedule.fresh_fakes=2",
             "--model.schedule.fresh_fake_px=32", "--model.schedule.fresh_fake_steps=2",
-            f"--trainer.max_steps={STEPS}", "--trainer.accelerator=cpu", "--trainer.logger=false",
+            f"--trainer.max_steps={STEPS}", "--trainer.accelerator=cpu", f"--trainer.devices={devices}",
+            "--trainer.logger=false",
             "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
             f"--trainer.default_root_dir={root}",
             f"--data.train={det / 'train.json'}", f"--data.val={det / 'val.json'}",
-            f"--data.tokenizer={corpus / 'tokenizer.json'}", "--data.image_root=null", "--data.num_workers=1",
+            f"--data.tokenizer={corpus / 'tokenizer.json'}", "--data.image_root=null", f"--data.num_workers={workers}",
             "--data.token_budget=900", "--data.packs_per_epoch=5",
             f"--data.gen.train={corpus / 't2i/train.jsonl'}", "--data.gen.token_budget=400",
             "--data.gen.image_column=image", "--data.gen.caption_column=caption", *extra]
@@ -78,28 +84,43 @@ def test_sigkill_at_a_random_step_then_resume_repeats_the_uninterrupted_losses(c
     assert {"train/loss_det", "train/loss_mse", "train/loss_diga", "train/loss_fresh"} <= logged
 
     kill_after = random.Random().randint(2, STEPS - 2)  # steps completed before the SIGKILL
+    done_before = run_and_kill(fit_command(corpus, cut_root), cut_root / "steps.jsonl", kill_after,
+                               tmp_path / "interrupted.log")
+    run(fit_command(corpus, cut_root, "--ckpt_path=last"), tmp_path / "resumed.log")
+    resumed = read_step_log(cut_root / "steps.jsonl")
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    diffs = differing(reference, resumed)
+    assert not diffs, f"killed after {kill_after} steps (logged {done_before}); differing (step, key): {diffs}"
+
+
+def run_and_kill(cmd: list[str], steps: Path, kill_after: int, log: Path) -> int:
+    """Start ``cmd``, SIGKILL its whole process group (trainer, other ranks, DataLoader workers: mid-step or
+    mid-save) once ``kill_after`` steps are logged; returns the number of steps logged."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    steps = cut_root / "steps.jsonl"
-    with open(tmp_path / "interrupted.log", "w") as out:
-        proc = subprocess.Popen(fit_command(corpus, cut_root), cwd=REPO, env=env, stdout=out, stderr=out,
-                                start_new_session=True)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=out, start_new_session=True)
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
             if steps.exists() and len(steps.read_text().splitlines()) >= kill_after:
                 break
             time.sleep(0.02)
-        assert proc.poll() is None, f"the run ended before step {kill_after}: see {tmp_path / 'interrupted.log'}"
-        os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its DataLoader worker, mid-step or mid-save
+        assert proc.poll() is None, f"the run ended before step {kill_after}: see {log}"
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    done_before = len(read_step_log(steps))
-    assert done_before < STEPS, "the kill came too late to interrupt anything"
+    done = len(read_step_log(steps))
+    assert done < STEPS, "the kill came too late to interrupt anything"
+    return done
 
-    run(fit_command(corpus, cut_root, "--ckpt_path=last"), tmp_path / "resumed.log")
-    resumed = read_step_log(steps)
-    assert sorted(resumed) == list(range(1, STEPS + 1))
-    diffs = {(step, key): (reference[step][key], resumed[step].get(key))
-             for step in reference for key in reference[step] if reference[step][key] != resumed[step].get(key)}
-    assert not diffs, f"killed after {kill_after} steps (logged {done_before}); differing (step, key): {diffs}"
+
+def differing(reference: dict, other: dict, rel: float = 0.0) -> dict:
+    """{(step, key): (reference value, other value)} where they differ by more than ``rel`` (relative)."""
+    out = {}
+    for step, row in reference.items():
+        for key, ref in row.items():
+            val = other.get(step, {}).get(key)
+            if val is None or abs(val - ref) > rel * abs(ref):
+                out[(step, key)] = (ref, val)
+    return out
 
 
 def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_intact(tmp_path):

@@ -211,6 +211,7 @@ def lightning_main(argv: list[str]) -> int:
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
+    import unigendet.strategy  # noqa: F401  (registers strategy="fsdp2")
     from unigendet.lit_module import LitUniGenDet
 
     LightningCLI(LitUniGenDet, L.LightningDataModule, subclass_mode_data=True, args=argv,

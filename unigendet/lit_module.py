@@ -39,6 +39,7 @@ from unigendet.model.packing import PackedBatch, SamplePlan, TextSplit, VAESplit
 from unigendet.model.unigendet import UniGenDet
 from unigendet.optim import OptimConfig, build_optimizer, build_scheduler, partition
 from unigendet.resume import gather_per_rank, loader_states, rng_state, set_loader_states, set_rng_state, world
+from unigendet.sharding import FSDPConfig, shard, unsharded
 
 log = logging.getLogger("unigendet.train")
 
@@ -109,7 +110,8 @@ class LitUniGenDet(L.LightningModule):
     def __init__(self, model: str = "tiny", model_overrides: dict | None = None, init_from: str | None = None,
                  loss: LossWeights | None = None, schedule: Schedule | None = None, optim: OptimConfig | None = None,
                  freeze: list[str] | None = None, ema_decay: float | None = 0.999, attn_backend: str = "auto",
-                 seed: int = 0, val_samples: int = 0, val_sample_px: int = 64, val_sample_steps: int = 10) -> None:
+                 seed: int = 0, val_samples: int = 0, val_sample_px: int = 64, val_sample_steps: int = 10,
+                 fsdp: FSDPConfig | None = None) -> None:
         """
         Args:
             model: a preset name (``tiny``, ``demo``, ``debug``, ``bagel-7b-mot``) or a BAGEL / UniGenDet folder.
@@ -119,18 +121,22 @@ class LitUniGenDet(L.LightningModule):
             ema_decay: EMA of the weights (None: off).
             val_samples: after each validation, generate this many images (EMA weights, fixed prompts and seeds,
                 so runs and steps are comparable) into ``<root>/samples/step_<k>.png`` and to the logger.
+            fsdp: how the network is sharded when the trainer's strategy provides a device mesh
+                (``unigendet.strategy.FSDP2Strategy``); ignored otherwise.
         """
         super().__init__()
         self.automatic_optimization = False
         self.loss_w = loss or LossWeights()
         self.sched = schedule or Schedule()
         self.optim_cfg = optim or OptimConfig()
+        self.fsdp_cfg = fsdp or FSDPConfig()
         self.save_hyperparameters({"model": model, "model_overrides": model_overrides or {}, "init_from": init_from,
                                    "loss": dataclasses.asdict(self.loss_w), "schedule": dataclasses.asdict(self.sched),
                                    "optim": dataclasses.asdict(self.optim_cfg), "freeze": list(freeze or []),
                                    "ema_decay": ema_decay, "attn_backend": attn_backend, "seed": seed,
                                    "val_samples": val_samples, "val_sample_px": val_sample_px,
-                                   "val_sample_steps": val_sample_steps})
+                                   "val_sample_steps": val_sample_steps,
+                                   "fsdp": dataclasses.asdict(self.fsdp_cfg)})
         if Path(model).is_dir():
             self.cfg = UniGenDetConfig.from_bagel_dir(model)
         else:
@@ -178,22 +184,32 @@ class LitUniGenDet(L.LightningModule):
         if not self.sched.train_gen:
             for _, p in sides["gen"]:
                 p.requires_grad_(False)
+        teacher = copy.deepcopy(model).requires_grad_(False).eval() if self.sched.diga else None
+        if self.device_mesh is not None:  # FSDP2Strategy / ModelParallelStrategy: shard, the teacher alike
+            mesh = self.device_mesh["data_parallel"]
+            shard(model, mesh, self.fsdp_cfg)
+            if teacher is not None:
+                shard(teacher, mesh, self.fsdp_cfg)
         self.model = model
         if self.hparams.ema_decay is not None:
             self.ema = EMA(model, decay=self.hparams.ema_decay)
-        if self.sched.diga:
+        if teacher is not None:
+            if self.sched.teacher == "snapshot":
+                self.teacher_net = teacher  # refreshed during training: checkpointed, so a resume continues with it
+            else:
+                self._teacher = [teacher]
             self.refresh_teacher()
 
+    @torch.no_grad()
     def refresh_teacher(self) -> None:
-        """Snapshot the current network (or its EMA) as the frozen DIGA teacher."""
-        teacher = copy.deepcopy(self.model)
+        """Copy the current network's weights (or their EMA) into the DIGA teacher, in place (shard by shard
+        under FSDP2: student and teacher are sharded alike)."""
+        teacher = self.teacher
+        src = dict(self.model.named_parameters())
+        for name, p in teacher.named_parameters():
+            p.copy_(src[name].detach())
         if self.sched.teacher_from_ema and self.ema is not None:
             self.ema.copy_to(teacher)
-        teacher.requires_grad_(False).eval()
-        if self.sched.teacher == "snapshot":
-            self.teacher_net = teacher  # refreshed during training: checkpointed, so a resume continues with it
-        else:
-            self._teacher = [teacher]
 
     @property
     def teacher(self) -> UniGenDet | None:
@@ -314,6 +330,9 @@ class LitUniGenDet(L.LightningModule):
     def training_step(self, batch: dict[str, PackedBatch], batch_idx: int) -> None:
         step = self.counters["batches"]
         self.counters["batches"] += 1
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "record_train_batch"):
+            dm.record_train_batch(batch)
         opt_det, opt_gen = self.optimizers()
         sch_det, sch_gen = self.lr_schedulers()
         w, s = self.loss_w, self.sched
@@ -361,7 +380,6 @@ class LitUniGenDet(L.LightningModule):
         logs.update({"train/lr_det": sch_det.get_last_lr()[0], "train/lr_gen": sch_gen.get_last_lr()[0],
                      "train/skipped_nan": self.counters["skipped_nan"],
                      "train/fresh_fakes_seen": self.counters["fresh_fakes_seen"]})
-        dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "skip_metrics"):
             logs.update(dm.skip_metrics(batch))
         self.log_dict(logs, prog_bar=False, on_step=True, batch_size=1)
@@ -369,6 +387,7 @@ class LitUniGenDet(L.LightningModule):
             self.log("det", logs["train/loss_det"], prog_bar=True, batch_size=1)
         if "train/loss_mse" in logs:
             self.log("mse", logs["train/loss_mse"], prog_bar=True, batch_size=1)
+        return logs  # this step's values (callbacks get them as ``outputs``; callback_metrics keep stale ones)
 
     def _update_step_only(self, opt) -> None:
         """Step a second optimiser on gradients already computed (joint mode), without counting a global step."""
@@ -409,7 +428,7 @@ class LitUniGenDet(L.LightningModule):
 
         was_training = self.model.training
         ctx = self.ema.swap(self.model) if (use_ema and self.ema is not None) else contextlib.nullcontext()
-        with ctx:
+        with ctx, unsharded(self.model):
             engine = Engine(self.model, self.trainer.datamodule.tok)
             images = engine.generate(prompts, height=height, width=width, steps=steps, seed=seed,
                                      cfg_scale=cfg_scale)
@@ -499,10 +518,11 @@ class LitUniGenDet(L.LightningModule):
         """Adds the config, counters, tokenizer and, gathered from every rank, each rank's RNG states and data
         positions (Lightning keeps rank 0's only). The EMA and a "snapshot" DIGA teacher are submodules, so they
         are in ``state_dict``; a "frozen" teacher is rebuilt from the initial weights."""
-        checkpoint["unigendet"] = {"config": self.cfg.to_dict(), "counters": dict(self.counters),
-                                   "ranks": gather_per_rank({"rng": rng_state(),
-                                                             "loaders": loader_states(checkpoint)})}
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        progress = dm.train_progress() if dm is not None and hasattr(dm, "train_progress") else None
+        checkpoint["unigendet"] = {"config": self.cfg.to_dict(), "counters": dict(self.counters),
+                                   "ranks": gather_per_rank({"rng": rng_state(), "loaders": loader_states(checkpoint),
+                                                             "progress": progress})}
         if dm is not None and getattr(dm, "tok", None) is not None:
             checkpoint["unigendet"]["tokenizer_json"] = dm.tok.path.read_text()
 
@@ -514,6 +534,9 @@ class LitUniGenDet(L.LightningModule):
         rank, size = world()
         if len(ranks) == size:
             set_loader_states(checkpoint, ranks[rank]["loaders"])
+            dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+            if dm is not None and hasattr(dm, "set_train_progress"):
+                dm.set_train_progress(ranks[rank].get("progress"))
             self._pending_rng = ranks[rank]["rng"]  # set when training resumes: loader setup draws from it first
         elif ranks:
             log.warning("checkpoint written by %d processes, resumed by %d: weights and optimiser states are "

@@ -135,6 +135,26 @@ def test_a_corpus_of_only_bad_records_is_an_error_not_a_hang():
         next(iter(loader(ds)))
 
 
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_recorded_progress_carries_over_loader_epochs(workers):
+    """Loader workers are new processes every loader epoch: with the main process recording each pack it trains
+    on, three loader epochs deliver exactly the samples of one three-times-longer epoch (without it, every
+    epoch of a worker would start again from the records' beginning)."""
+    ds = make(records(), packs_per_epoch=4)
+    dl = loader(ds, workers)
+    seen = []
+    for _ in range(3):
+        for b in dl:
+            ds.record(b)
+            seen += b.sample_ids
+    assert seen == ids_of(list(loader(make(records(), packs_per_epoch=12), workers)))
+    # through a checkpoint: a fresh stream given the recorded progress delivers the fourth loader epoch
+    fresh = make(records(), packs_per_epoch=4)
+    fresh.set_progress(ds.progress())
+    assert seen + ids_of(list(loader(fresh, workers))) == ids_of(
+        list(loader(make(records(), packs_per_epoch=16), workers)))
+
+
 def test_state_of_another_rank_is_refused():
     ds = make(records(), rank=0, world_size=2)
     state = ds.state_dict()

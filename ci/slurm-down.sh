@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# ci/slurm-down.sh - stop the cluster ci/slurm-up.sh started. Idempotent.
+#
+# Features:
+#   * cancels every job first (so no job process outlives slurmd), then kills leftover job pids by pid
+#   * stops slurmd, slurmctld and munged by the pids in their pid files, never by process name
+#   * --clean: also removes slurm.conf, Slurm state, spool and logs (the packages and munge key stay)
+set -uo pipefail
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin:${PATH:-}
+run=/var/run/slurm
+spool=/var/spool/slurm
+log=/var/log/slurm
+clean=0
+for arg in "$@"; do
+  case $arg in
+    --clean) clean=1 ;;
+    *) echo "slurm-down: unknown argument $arg" >&2; exit 2 ;;
+  esac
+done
+
+# stop_by_pidfile FILE NAME: SIGTERM the pid in FILE if that process is NAME; SIGKILL after 10 s
+stop_by_pidfile() {
+  local file=$1 name=$2 pid
+  [ -s "$file" ] || return 0
+  pid=$(cat "$file")
+  if [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ]; then
+    echo "slurm-down: stopping $name (pid $pid)"
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$pid" 2>/dev/null; then echo "slurm-down: SIGKILL $name $pid"; kill -9 "$pid" 2>/dev/null; fi
+  fi
+  rm -f "$file"
+}
+
+if [ -s "$run/slurmctld.pid" ] && command -v scontrol >/dev/null && scontrol ping 2>/dev/null | grep -q UP; then
+  jobs=$(squeue -h -o %i 2>/dev/null)
+  if [ -n "$jobs" ]; then
+    # shellcheck disable=SC2086
+    scancel --full --quiet $jobs 2>/dev/null
+    for _ in $(seq 100); do
+      [ -z "$(squeue -h -t R,CG,S -o %i 2>/dev/null)" ] && break
+      sleep 0.2
+    done
+  fi
+  leftover=$(scontrol listpids 2>/dev/null | awk 'NR > 1 && $1 ~ /^[0-9]+$/ {print $1}')
+  if [ -n "$leftover" ]; then
+    echo "slurm-down: killing leftover job pids $leftover"
+    # shellcheck disable=SC2086
+    kill -9 $leftover 2>/dev/null
+  fi
+fi
+stop_by_pidfile "$run/slurmd.pid" slurmd
+stop_by_pidfile "$run/slurmctld.pid" slurmctld
+stop_by_pidfile /var/run/munge/munged.pid munged
+
+if [ "$clean" = 1 ]; then
+  rm -rf "$spool" "$run" "$log/slurmctld.log" "$log/slurmd.log" "$log/jobcomp.log" /etc/slurm/slurm.conf
+fi
+echo "slurm-down: done"
