@@ -40,6 +40,28 @@ def test_two_sharded_processes_repeat_a_single_process_and_shard_the_checkpoint(
     assert 0.7 < sizes[0] / sizes[1] < 1.4, sizes
     assert not list(last.parent.glob(".*.partial")) and not list(last.parent.glob(".*.old"))
 
+    # consolidation for export/inference: our one-tensor-at-a-time reader equals torch's own converter, EMA first
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from unigendet.checkpoint import load_lightning_checkpoint
+
+    model, report, tokenizer = load_lightning_checkpoint(last)
+    dcp_to_torch_save(last, tmp_path / "full.pt")
+    full = torch.load(tmp_path / "full.pt", weights_only=True)["state_dict"]
+    for name, p in model.named_parameters():
+        ema_key = "ema." + name.replace(".", "__")
+        assert torch.equal(p, full[ema_key] if ema_key in full else full["model." + name]), name
+    assert tokenizer and len(report.loaded) == len(list(model.parameters()))
+
+    # and `unigendet export` turns the sharded checkpoint into a BAGEL-format folder with its tokenizer
+    from unigendet.checkpoint import load_model
+    from unigendet.cli import main
+
+    assert main(["export", "--ckpt", str(last), "--out", str(tmp_path / "export")]) == 0
+    exported, _ = load_model(tmp_path / "export")
+    assert (tmp_path / "export" / "tokenizer.json").read_text() == tokenizer
+    assert all(torch.equal(p, dict(model.named_parameters())[n]) for n, p in exported.named_parameters())
+
 
 def test_sharded_run_killed_then_resumed_repeats_the_single_process(corpus, single, tmp_path):  # noqa: F811
     root = tmp_path / "fsdp"
@@ -68,3 +90,32 @@ def test_a_two_process_checkpoint_resumes_on_one_process(corpus, tmp_path):  # n
     steps = read_step_log(root / "steps.jsonl")
     assert sorted(steps) == list(range(1, STEPS + 1))  # steps after saved_step were trained by the 1-process run
     assert saved_step >= 2
+
+
+@pytest.fixture(scope="module")
+def init_folder(tmp_path_factory):
+    """A UniGenDet folder (several weight shards + ae.safetensors) of the test-sized model, other seed."""
+    from tests.test_resume import SMALL
+    from unigendet.checkpoint import save_folder
+    from unigendet.model.config import UniGenDetConfig
+    from unigendet.model.unigendet import UniGenDet
+
+    torch.manual_seed(123)
+    model = UniGenDet(UniGenDetConfig.from_name("demo", **SMALL))
+    model.init_weights()
+    out = tmp_path_factory.mktemp("init_folder")
+    save_folder(model, out, max_shard_bytes=300_000)
+    assert len(list(out.glob("*.safetensors"))) > 3
+    return out
+
+
+def test_sharded_initialisation_from_a_folder_loads_shard_by_shard(corpus, single, init_folder, tmp_path):  # noqa: F811
+    """Under FSDP2 with ``init_from``, each rank builds on the meta device, allocates its shards and streams the
+    folder in one tensor at a time: the run equals a single process that loaded the folder whole."""
+    args = (f"--model.init_from={init_folder}", "--trainer.max_steps=3")
+    run(fit_command(corpus, tmp_path / "one", *args, workers=0), tmp_path / "one.log")
+    run(fit_command(corpus, tmp_path / "two", *args, devices=2, workers=0), tmp_path / "two.log")
+    one, two = read_step_log(tmp_path / "one" / "steps.jsonl"), read_step_log(tmp_path / "two" / "steps.jsonl")
+    assert sorted(two) == [1, 2, 3]
+    assert not differing(one, two, REL)
+    assert differing({1: single[1]}, {1: one[1]}, REL)  # the folder's weights, not the seed's: other losses

@@ -87,12 +87,23 @@ def weight_files(folder: Path) -> list[Path]:
     raise FileNotFoundError(f"no weights in {folder}: expected {INDEX} or one of {SINGLE_FILES}")
 
 
+def _is_dtensor(t: Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def _assign(model: nn.Module, name: str, value: Tensor) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
     old = getattr(module, attr)
     value = value.to(dtype=old.dtype)
-    if old.is_meta:
+    if _is_dtensor(old):  # a parameter sharded by FSDP2: keep only this rank's part of the full value
+        from torch.distributed.tensor import distribute_tensor
+
+        with torch.no_grad():
+            old.copy_(distribute_tensor(value.to(old.device), old.device_mesh, old.placements, src_data_rank=None))
+    elif old.is_meta:
         setattr(module, attr, nn.Parameter(value, requires_grad=old.requires_grad))
     else:
         with torch.no_grad():
@@ -120,8 +131,9 @@ def _load_files(model: nn.Module, files: list[Path], rename, targets: dict[str, 
 
 def load_weights(model: UniGenDet, folder: str | Path, *, strict: bool = True, device: str = "cpu",
                  load_ae: bool = True) -> LoadReport:
-    """Load a BAGEL / UniGenDet folder into ``model`` (meta-built or materialised). Parameters left without a
-    value (the expected-missing heads) are materialised on ``device`` and freshly initialised."""
+    """Load a BAGEL / UniGenDet folder into ``model`` (meta-built, materialised, or sharded by FSDP2 and then
+    materialised with ``to_empty``: each rank reads one full tensor at a time and keeps its shard). Parameters left
+    without a value (the expected-missing heads) are materialised on ``device`` and freshly initialised."""
     folder = Path(folder)
     report = LoadReport()
     targets = {n: p for n, p in model.named_parameters() if not n.startswith(AE_PREFIX)}
@@ -143,7 +155,19 @@ def load_weights(model: UniGenDet, folder: str | Path, *, strict: bool = True, d
     if strict and (report.missing or report.unexpected):
         raise CheckpointError(f"checkpoint {folder} does not match the model: {report}")
     _materialise_fresh(model, device)
+    _fresh_sharded(model, set(report.expected_missing))
     return report
+
+
+def _fresh_sharded(model: UniGenDet, keys: set[str]) -> None:
+    """The fresh init of sharded parameters the checkpoint did not provide: the full tensor (the same on every
+    rank under the same seed; they are small heads), of which each rank keeps its shard."""
+    for name, p in model.named_parameters():
+        if _is_dtensor(p) and to_bagel(name) in keys:
+            module_name, _, attr = name.rpartition(".")
+            full = torch.empty(p.shape, dtype=p.dtype)
+            fresh_parameter_value(model.get_submodule(module_name), attr, full)
+            _assign(model, name, full)
 
 
 def _loaded_ours(report: LoadReport, ae: bool = False) -> set[str]:
@@ -187,27 +211,37 @@ def fresh_parameter_value(module: nn.Module, attr: str, out: Tensor, std: float 
 
 def load_lightning_checkpoint(path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
                               use_ema: bool = True) -> tuple[UniGenDet, LoadReport, str | None]:
-    """A ``LitUniGenDet`` training checkpoint (``.ckpt``) -> (network, report, tokenizer.json text or None).
+    """A ``LitUniGenDet`` training checkpoint -> (network, report, tokenizer.json text or None): a ``.ckpt`` file,
+    or a distributed checkpoint folder (FSDP2: ``*.distcp`` shards + ``meta.pt``), consolidated here one tensor at
+    a time on any number of processes (one, typically).
 
     Loaded with ``weights_only=True`` (no code runs). The EMA weights are used when present and ``use_ema``.
     """
     path = Path(path)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if path.is_dir():
+        if not (path / "meta.pt").is_file() or not (path / ".metadata").is_file():
+            raise CheckpointError(f"{path} is a folder but not a complete distributed checkpoint (meta.pt, .metadata)")
+        ckpt = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+        tensors = _DistributedTensors(path)
+    else:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        tensors = ckpt["state_dict"]
     extra = ckpt.get("unigendet")
     if extra is None:
         raise CheckpointError(f"{path} is not a unigendet training checkpoint (no 'unigendet' section)")
     cfg = UniGenDetConfig.from_dict(extra["config"])
     with torch.device("meta"):
         model = UniGenDet(cfg).to(dtype)
-    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    state = {k[len("model."):]: k for k in tensors.keys() if k.startswith("model.")}
     report = LoadReport(files=[path.name])
     ema = {}
     if use_ema:  # the EMA is the submodule ``ema`` (parameter names with "." written "__")
-        ema = {k[len("ema."):].replace("__", "."): v for k, v in ckpt["state_dict"].items()
+        ema = {k[len("ema."):].replace("__", "."): k for k in tensors.keys()
                if k.startswith("ema.") and k not in ("ema.n_updates_", "ema._extra_state")}
     targets = dict(model.named_parameters())
     for name, p in targets.items():
-        value = ema.get(name, state.get(name))
+        key = ema.get(name, state.get(name))
+        value = None if key is None else tensors[key]
         if value is None:
             report.missing.append(name)
             continue
@@ -221,11 +255,43 @@ def load_lightning_checkpoint(path: str | Path, *, device: str = "cpu", dtype: t
     return model, report, extra.get("tokenizer_json")
 
 
+def is_training_checkpoint(path: str | Path) -> bool:
+    """A LitUniGenDet checkpoint: a ``.ckpt`` file, or a distributed checkpoint folder (``meta.pt`` + ``.metadata``)."""
+    path = Path(path)
+    return path.suffix == ".ckpt" or (path.is_dir() and (path / "meta.pt").is_file())
+
+
+class _DistributedTensors:
+    """The ``state_dict`` entries of a torch.distributed.checkpoint folder, read one full tensor at a time (no
+    process group needed)."""
+
+    def __init__(self, folder: Path) -> None:
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.folder = folder
+        meta = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+        prefix = "state_dict."
+        self.meta = {k[len(prefix):]: m for k, m in meta.items()
+                     if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
+
+    def keys(self):
+        return self.meta.keys()
+
+    def __getitem__(self, key: str) -> Tensor:
+        import torch.distributed.checkpoint as dcp
+
+        m = self.meta[key]
+        out = {"state_dict": {key: torch.empty(tuple(m.size), dtype=m.properties.dtype)}}
+        dcp.load(out, checkpoint_id=str(self.folder), no_dist=True)
+        return out["state_dict"][key]
+
+
 def load_model(folder: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
                strict: bool = True, cfg: UniGenDetConfig | None = None) -> tuple[UniGenDet, LoadReport]:
     """Build the network described by a BAGEL / UniGenDet folder on the meta device and stream its weights in.
     A ``.ckpt`` file (a training checkpoint) is accepted too: its EMA weights when present."""
-    if Path(folder).suffix == ".ckpt":
+    if is_training_checkpoint(folder):
         model, report, _ = load_lightning_checkpoint(folder, device=device, dtype=dtype)
         return model, report
     folder = Path(folder)

@@ -164,28 +164,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    from unigendet.checkpoint import copy_tokenizer, load_model, save_folder
+    from unigendet.checkpoint import (
+        copy_tokenizer,
+        is_training_checkpoint,
+        load_lightning_checkpoint,
+        load_model,
+        save_folder,
+    )
 
-    model, report = load_model(args.ckpt)
+    training = is_training_checkpoint(args.ckpt)  # a .ckpt file or an FSDP2 checkpoint folder: EMA + tokenizer
+    if training:
+        model, report, tok_json = load_lightning_checkpoint(args.ckpt)
+    else:
+        model, report = load_model(args.ckpt)
     print(f"loaded {args.ckpt}: {report}", file=sys.stderr)
-    if Path(args.ckpt).suffix == ".ckpt":
-        from unigendet.checkpoint import load_lightning_checkpoint
-
-        tok_json = load_lightning_checkpoint(args.ckpt)[2]
+    if training:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         if tok_json is not None:
             (Path(args.out) / "tokenizer.json").write_text(tok_json)
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     out = save_folder(model, args.out, dtype=dtype, single_file=args.single_file,
                       max_shard_bytes=int(args.max_shard_gb * 1024**3))
-    copied = copy_tokenizer(args.ckpt, out) if Path(args.ckpt).is_dir() else ["tokenizer.json"]
+    copied = ["tokenizer.json"] if training else copy_tokenizer(args.ckpt, out)
     print(json.dumps({"out": str(out), "files": sorted(p.name for p in out.iterdir()), "tokenizer": copied}))
     return 0
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, help="a BAGEL / UniGenDet model folder, or a training checkpoint (.ckpt; "
-                                                 "its EMA weights)")
+    p.add_argument("--ckpt", required=True, help="a BAGEL / UniGenDet model folder, or a training checkpoint (.ckpt "
+                                                 "file or FSDP2 folder; its EMA weights)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--no-progress", action="store_true")

@@ -242,10 +242,10 @@ class UniGenDetPipeline(Engine):
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
                         strict: bool = True) -> UniGenDetPipeline:
-        from unigendet.checkpoint import load_model
+        from unigendet.checkpoint import is_training_checkpoint, load_model
 
         path = Path(path)
-        if path.suffix == ".ckpt":  # a training checkpoint carries its tokenizer
+        if is_training_checkpoint(path):  # a training checkpoint carries its tokenizer
             import tempfile
 
             from unigendet.checkpoint import load_lightning_checkpoint

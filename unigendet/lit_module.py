@@ -161,14 +161,22 @@ class LitUniGenDet(L.LightningModule):
         layer = self.sched.diga_layer or self.cfg.head.diga_layer
         if self.sched.diga and not 1 <= layer <= self.cfg.mot.n_layers:
             raise ValueError(f"diga_layer {layer} is outside the model's 1..{self.cfg.mot.n_layers} decoder layers")
+        mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
+        # sharded and initialised from a folder: build on the meta device, shard, allocate only this rank's shards
+        # and stream the weights in one tensor at a time (no rank ever holds the whole network)
+        per_shard = mesh is not None and bool(self.hparams.init_from)
         torch.manual_seed(self.hparams.seed)
-        model = UniGenDet(self.cfg)
-        model.init_weights()
-        if self.hparams.init_from:
-            from unigendet.checkpoint import load_weights
+        if per_shard:
+            with torch.device("meta"):
+                model = UniGenDet(self.cfg)
+        else:
+            model = UniGenDet(self.cfg)
+            model.init_weights()
+            if self.hparams.init_from:
+                from unigendet.checkpoint import load_weights
 
-            report = load_weights(model, self.hparams.init_from)
-            log.info("initialised from %s: %s", self.hparams.init_from, report)
+                report = load_weights(model, self.hparams.init_from)
+                log.info("initialised from %s: %s", self.hparams.init_from, report)
         model.attn_backend = self.hparams.attn_backend
         for part in self.hparams.freeze:
             if not hasattr(model, part):
@@ -184,12 +192,29 @@ class LitUniGenDet(L.LightningModule):
         if not self.sched.train_gen:
             for _, p in sides["gen"]:
                 p.requires_grad_(False)
-        teacher = copy.deepcopy(model).requires_grad_(False).eval() if self.sched.diga else None
-        if self.device_mesh is not None:  # FSDP2Strategy / ModelParallelStrategy: shard, the teacher alike
-            mesh = self.device_mesh["data_parallel"]
+        teacher = None
+        if self.sched.diga:
+            if per_shard:
+                with torch.device("meta"):
+                    teacher = UniGenDet(self.cfg)
+                teacher.attn_backend = self.hparams.attn_backend
+            else:
+                teacher = copy.deepcopy(model)
+            teacher.requires_grad_(False).eval()
+        if mesh is not None:  # FSDP2Strategy / ModelParallelStrategy: shard, the teacher alike
             shard(model, mesh, self.fsdp_cfg)
             if teacher is not None:
                 shard(teacher, mesh, self.fsdp_cfg)
+        if per_shard:
+            from unigendet.checkpoint import load_weights
+
+            device = self.trainer.strategy.root_device
+            model.to_empty(device=device)
+            if teacher is not None:
+                teacher.to_empty(device=device)  # filled by refresh_teacher below
+            torch.manual_seed(self.hparams.seed)
+            report = load_weights(model, self.hparams.init_from, device=str(device))
+            log.info("initialised from %s, shard by shard: %s", self.hparams.init_from, report)
         self.model = model
         if self.hparams.ema_decay is not None:
             self.ema = EMA(model, decay=self.hparams.ema_decay)
@@ -199,6 +224,9 @@ class LitUniGenDet(L.LightningModule):
             else:
                 self._teacher = [teacher]
             self.refresh_teacher()
+        # training's random stream (flow noise, posterior samples) starts from the seed, whatever the
+        # initialisation drew (a folder loaded whole or shard by shard, a random init)
+        torch.manual_seed(self.hparams.seed)
 
     @torch.no_grad()
     def refresh_teacher(self) -> None:
