@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One short GPU session (well inside 10 minutes on one H200): the CUDA-only tests, parity on the GPU with TF32 off
-# (SDPA and compiled FlexAttention), and the routing benchmark at BAGEL-7B width. Writes logs to ${OUT:-/tmp}.
+# (SDPA and compiled FlexAttention), the routing benchmark at BAGEL-7B width, and an FSDP2 save/resume smoke run. Writes logs to ${OUT:-/tmp}.
 # Test it on CPU first: the pytest part then skips the gpu tests with a reason, the benchmark runs tiny.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,6 +41,9 @@ if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; 
       --mlp 18944 --tokens 8192 --iters 10 2>&1 | tee "$OUT/routing-gpu.jsonl"
   PYTHONPATH=. $PY bench/model_step.py --device cuda --presets debug --backends sdpa flex --tokens 8192 --iters 3 \
       2>&1 | tee "$OUT/model-step-gpu.jsonl"
+  # FSDP2 on one GPU (NCCL, bf16 gathers, fp32 reductions), save + resume from the middle checkpoint
+  OUT="$OUT/fsdp" ACCEL=gpu DEVICES=1 STEPS=40 WIDTH=1024 LAYERS=8 PY=$PY bash bench/fsdp_smoke.sh \
+      2>&1 | tee "$OUT/fsdp-smoke.log"
 else
   PYTHONPATH=. $PY bench/mot_routing.py --tokens 1024 --iters 2 2>&1 | tee "$OUT/routing-cpu.jsonl"
 fi

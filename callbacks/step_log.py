@@ -49,5 +49,6 @@ def read_step_log(path: str | Path) -> dict[int, dict[str, float]]:
     for line in Path(path).read_text().splitlines():
         if line.strip():
             row = json.loads(line)
-            rows[int(row.pop("step"))] = {k: (math.nan if v is None else v) for k, v in row.items()}
+            step = int(row.pop("step"))
+            rows[step] = {k: (math.nan if v is None else v) for k, v in row.items()}
     return rows
