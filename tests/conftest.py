@@ -21,7 +21,12 @@ def parity_fixture_dirs() -> list[Path]:
 
 
 def bagel_keys_file() -> Path:
-    return SHARED / "spec" / "bagel_keys.txt"
+    """../shared/spec/bagel_keys.txt; the calling test is skipped, with the reason, when it is absent (a user's
+    machine, a clone outside the workspace)."""
+    path = SHARED / "spec" / "bagel_keys.txt"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent (the BAGEL-7B-MoT key list ships in ../shared/spec, not with the project)")
+    return path
 
 
 @pytest.fixture(autouse=True)
