@@ -39,6 +39,8 @@ def test_two_sharded_processes_repeat_a_single_process_and_shard_the_checkpoint(
     # written by rank 0 alone)
     assert 0.7 < sizes[0] / sizes[1] < 1.4, sizes
     assert not list(last.parent.glob(".*.partial")) and not list(last.parent.glob(".*.old"))
+    ranks = torch.load(last / "meta.pt", weights_only=True)["unigendet"]["ranks"]
+    assert torch.equal(ranks[0]["rng"]["torch"], ranks[1]["rng"]["torch"])  # rank_seeds=false: one shared stream
 
     # consolidation for export/inference: our one-tensor-at-a-time reader equals torch's own converter, EMA first
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -119,3 +121,13 @@ def test_sharded_initialisation_from_a_folder_loads_shard_by_shard(corpus, singl
     assert sorted(two) == [1, 2, 3]
     assert not differing(one, two, REL)
     assert differing({1: single[1]}, {1: one[1]}, REL)  # the folder's weights, not the seed's: other losses
+
+
+def test_ranks_draw_independent_noise_by_default(corpus, tmp_path):  # noqa: F811
+    """``rank_seeds`` (the default): rank r's stream starts from seed + r, so the RNG states the checkpoint keeps
+    per rank differ (with ``rank_seeds=false``, as in the equivalence runs above, they are equal)."""
+    root = tmp_path / "fsdp"
+    run(fit_command(corpus, root, "--model.rank_seeds=true", "--trainer.max_steps=2", devices=2, workers=0),
+        tmp_path / "fsdp.log")
+    ranks = torch.load(root / "ckpt" / "last.ckpt" / "meta.pt", weights_only=True)["unigendet"]["ranks"]
+    assert not torch.equal(ranks[0]["rng"]["torch"], ranks[1]["rng"]["torch"])

@@ -40,7 +40,7 @@ def fit_command(corpus: Path, root: Path, *extra: str, devices: int = 1, workers
     the run must repeat a single process's losses."""
     if devices > 1:
         extra = ("--trainer.strategy=fsdp2", "--model.fsdp.param_dtype=fp32", "--data.replicate_across_ranks=true",
-                 *extra)
+                 "--model.rank_seeds=false", *extra)
     trainer_cfg = root / "trainer.yaml"
     trainer_cfg.parent.mkdir(parents=True, exist_ok=True)
     trainer_cfg.write_text(json.dumps({"trainer": {"callbacks": [

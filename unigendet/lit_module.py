@@ -111,7 +111,7 @@ class LitUniGenDet(L.LightningModule):
                  loss: LossWeights | None = None, schedule: Schedule | None = None, optim: OptimConfig | None = None,
                  freeze: list[str] | None = None, ema_decay: float | None = 0.999, attn_backend: str = "auto",
                  seed: int = 0, val_samples: int = 0, val_sample_px: int = 64, val_sample_steps: int = 10,
-                 fsdp: FSDPConfig | None = None) -> None:
+                 fsdp: FSDPConfig | None = None, rank_seeds: bool = True) -> None:
         """
         Args:
             model: a preset name (``tiny``, ``demo``, ``debug``, ``bagel-7b-mot``) or a BAGEL / UniGenDet folder.
@@ -123,6 +123,9 @@ class LitUniGenDet(L.LightningModule):
                 so runs and steps are comparable) into ``<root>/samples/step_<k>.png`` and to the logger.
             fsdp: how the network is sharded when the trainer's strategy provides a device mesh
                 (``unigendet.strategy.FSDP2Strategy``); ignored otherwise.
+            rank_seeds: after the (identical) initialisation, rank r's random stream (flow noise, posterior
+                samples) starts from ``seed + r``, so ranks draw independent noise; False: every rank draws the
+                same noise (only for checking a multi-process run against a single process).
         """
         super().__init__()
         self.automatic_optimization = False
@@ -136,7 +139,7 @@ class LitUniGenDet(L.LightningModule):
                                    "ema_decay": ema_decay, "attn_backend": attn_backend, "seed": seed,
                                    "val_samples": val_samples, "val_sample_px": val_sample_px,
                                    "val_sample_steps": val_sample_steps,
-                                   "fsdp": dataclasses.asdict(self.fsdp_cfg)})
+                                   "fsdp": dataclasses.asdict(self.fsdp_cfg), "rank_seeds": rank_seeds})
         if Path(model).is_dir():
             self.cfg = UniGenDetConfig.from_bagel_dir(model)
         else:
@@ -224,9 +227,10 @@ class LitUniGenDet(L.LightningModule):
             else:
                 self._teacher = [teacher]
             self.refresh_teacher()
-        # training's random stream (flow noise, posterior samples) starts from the seed, whatever the
+        # training's random stream (flow noise, posterior samples) starts from the seed (+ rank), whatever the
         # initialisation drew (a folder loaded whole or shard by shard, a random init)
-        torch.manual_seed(self.hparams.seed)
+        rank = self.trainer.global_rank if self._trainer is not None and self.hparams.rank_seeds else 0
+        torch.manual_seed(self.hparams.seed + rank)
 
     @torch.no_grad()
     def refresh_teacher(self) -> None:

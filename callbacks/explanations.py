@@ -1,0 +1,139 @@
+"""ForensicExplanations: a W&B Table of the model's verdicts and written explanations on a fixed held-out panel.
+
+Features:
+
+* **A fixed panel**, so runs and steps are comparable: the first ``n_images`` records of the datamodule's
+  detection ``val`` split, balanced (half fake, half real, in record order) when the split has enough of each label.
+* **Per image**: the true label, p(fake) from the real/fake head, the greedy KV-cached explanation
+  (:meth:`unigendet.inference.Engine.detect`), the reference answer, ROUGE-L F between the two (torchmetrics,
+  no nltk needed), the category and the image itself.
+* **When**: at the end of every validation (not the sanity check) with ``on_validation``, and/or after every
+  ``every_n_steps`` training steps. The EMA weights are used when the module keeps them (as validation does),
+  in eval mode and without gradients; the train/eval mode is restored afterwards.
+* **Rank zero only**: other ranks do nothing, except under FSDP2, where every rank must take part in the parameter
+  all-gathers, so every rank runs the (identical, greedy) panel and only rank zero logs.
+* **No W&B logger, no work**: one notice on logger ``unigendet.callbacks``, then nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+
+from unigendet.images import open_image
+from unigendet.sharding import is_sharded, unsharded
+from unigendet.skips import SkipCounter
+
+log = logging.getLogger("unigendet.callbacks")
+
+COLUMNS = ["id", "image", "category", "label", "p_fake", "predicted", "explanation", "reference", "rouge_l"]
+LABELS = {0: "fake", 1: "real"}
+
+
+def choose_panel(records, n: int) -> list:
+    """The first ``n`` records, balanced between fake (0) and real (1) when each label has enough; record order."""
+    want = {0: n // 2, 1: n - n // 2}
+    chosen: list[int] = []
+    for i, rec in enumerate(records):
+        if want.get(rec.label, 0) > 0:
+            want[rec.label] -= 1
+            chosen.append(i)
+    if len(chosen) < n:  # a label ran short: fill with the next records of the other one
+        taken = set(chosen)
+        chosen += [i for i in range(len(records)) if i not in taken][: n - len(chosen)]
+    return [records[i] for i in sorted(chosen)]
+
+
+class ForensicExplanations(Callback):
+    def __init__(self, every_n_steps: int | None = None, on_validation: bool = True, n_images: int = 8,
+                 max_new_tokens: int = 64, key: str = "val/explanations") -> None:
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be a positive integer or None, got {every_n_steps}")
+        if n_images < 1:
+            raise ValueError(f"n_images must be >= 1, got {n_images}")
+        self.every_n_steps, self.on_validation = every_n_steps, on_validation
+        self.n_images, self.max_new_tokens, self.key = n_images, max_new_tokens, key
+        self._wandb: WandbLogger | None = None
+        self._panel: list | None = None  # records
+        self._images: list | None = None  # PIL images, decoded once
+        self._rouge = None
+
+    # ----------------------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._wandb = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+        if self._wandb is None and trainer.is_global_zero:
+            log.info("ForensicExplanations: no WandbLogger configured, the callback is a no-op")
+
+    def _active(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+        return self._wandb is not None and (trainer.is_global_zero or is_sharded(pl_module.model))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.on_validation and not trainer.sanity_checking and self._active(trainer, pl_module):
+            self.log_panel(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        n = self.every_n_steps
+        if n and trainer.global_step % n == 0 and self._active(trainer, pl_module):
+            self.log_panel(trainer, pl_module)
+
+    # ----------------------------------------------------------------------------------------------
+    def _load_panel(self, dm) -> None:
+        if not hasattr(dm, "with_vae"):  # the detection side: DetectionDataModule / CoEvolutionDataModule itself
+            raise TypeError(f"ForensicExplanations needs a detection datamodule, got {type(dm).__name__}")
+        records = dm.split_records("val")
+        self._panel = choose_panel(records, self.n_images)
+        skips = SkipCounter()
+        root = dm._root(dm._path("val"))
+        self._images = [open_image(r.image, skips, r.id, root=root) for r in self._panel]
+        bad = [r.id for r, img in zip(self._panel, self._images, strict=True) if img is None]
+        if bad:
+            raise ValueError(f"panel images could not be read: {bad} ({dict(skips.counts)})")
+
+    def rouge_l(self, prediction: str, reference: str) -> float:
+        if self._rouge is None:
+            from torchmetrics.text.rouge import ROUGEScore
+
+            self._rouge = ROUGEScore(rouge_keys=("rougeL",))
+        return float(self._rouge(prediction, reference)["rougeL_fmeasure"])
+
+    @torch.no_grad()
+    def detect_panel(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[list]:
+        """The table rows (see ``COLUMNS``) for the current (EMA) weights."""
+        import wandb
+
+        from unigendet.inference import Engine
+
+        dm = trainer.datamodule
+        if self._panel is None:
+            self._load_panel(dm)
+        model = pl_module.model
+        was_training = model.training
+        ema = getattr(pl_module, "ema", None)
+        swap = ema.swap(model) if ema is not None else contextlib.nullcontext()
+        results = []
+        try:
+            with swap, unsharded(model):
+                engine = Engine(model, dm.tok)  # puts the model in eval mode
+                engine.vit_tf, engine.vae_tf = dm.vit_tf(), dm.vae_tf()  # as the validation batches see them
+                for rec, img in zip(self._panel, self._images, strict=True):  # records may ask different questions
+                    results += engine.detect([img], prompt=rec.prompt, with_vae=dm.with_vae,
+                                             max_new_tokens=self.max_new_tokens)
+        finally:
+            model.train(was_training)
+        rows = []
+        for rec, img, det in zip(self._panel, self._images, results, strict=True):
+            rows.append([rec.id, wandb.Image(img, caption=f"{LABELS[rec.label]} / {rec.cate}"), rec.cate,
+                         LABELS[rec.label], det.p_fake, det.label, det.explanation, rec.answer,
+                         self.rouge_l(det.explanation, rec.answer)])
+        return rows
+
+    def log_panel(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        rows = self.detect_panel(trainer, pl_module)
+        if trainer.is_global_zero:
+            self._wandb.log_table(key=self.key, columns=COLUMNS, data=rows, step=trainer.global_step)
