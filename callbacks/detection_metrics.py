@@ -1,0 +1,188 @@
+"""DetectionMetrics: what the validation of the real/fake head looks like beyond three numbers, logged to W&B.
+
+Features:
+
+* **No second forward**: the module's ``validation_step`` already computes p(fake) for every detection sample and
+  appends it to ``pl_module._val["p_fake"]`` (labels to ``_val["label"]``); this callback reads the newest entry after
+  each batch and pairs it with the batch's sample ids, so every p(fake) is tied to its record.
+* **Per category** (FakeClue ``cate``, the demo corpus' generator family): accuracy and sample count, and AUROC where
+  the category holds both labels (an all-fake category has only accuracy, i.e. its recall). ``LitUniGenDet`` already
+  logs the overall ``val/acc``, ``val/f1`` and ``val/auroc``; :func:`detection_summary` computes those too, with the
+  same convention (fake = positive class, predicted fake when p(fake) >= 0.5), for reuse and checking.
+* **Plots**: the ROC curve of the fake class (the chart ``wandb.plot.roc_curve`` makes, built from torchmetrics'
+  ROC so that neither scikit-learn nor pandas is needed) and the confusion matrix (``wandb.plot.confusion_matrix``).
+* **When**: at the end of every validation, not the sanity check, at ``trainer.global_step``; samples are gathered
+  from all ranks and rank zero logs.
+* **No W&B logger, no work**: one notice on logger ``unigendet.callbacks``, then nothing.
+
+Keys (``key="val"``): ``val/cate/<cate>/acc``, ``val/cate/<cate>/auroc``, ``val/cate/<cate>/n``, ``val/roc``,
+``val/confusion_matrix``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+
+log = logging.getLogger("unigendet.callbacks")
+
+CLASS_NAMES = ["fake", "real"]  # indexed by the dataset label: 0 = fake, 1 = real
+
+
+########################################################################################################################
+# the numbers
+########################################################################################################################
+def detection_summary(p_fake: torch.Tensor, label: torch.Tensor, cates: list[str | None] | None = None) -> dict:
+    """Metrics of per-sample p(fake) (N,) against dataset labels (N,) (0 = fake, 1 = real).
+
+    Returns ``acc``, ``f1`` (macro over the two classes), ``auroc`` (nan when only one label is present),
+    ``confusion`` (2, 2) counts indexed [true, predicted] by dataset label, and, when ``cates`` is given,
+    ``per_category``: ``{cate: {"n", "acc"[, "auroc"]}}`` for every category that is not None.
+    """
+    from torchmetrics.functional.classification import binary_auroc, multiclass_f1_score
+
+    p = p_fake.float()
+    fake = (label == 0).long()
+    pred = (p >= 0.5).long()
+    out: dict = {"acc": float((pred == fake).float().mean()),
+                 "f1": float(multiclass_f1_score(pred, fake, num_classes=2, average="macro")),
+                 "auroc": float(binary_auroc(p, fake)) if fake.min() != fake.max() else float("nan")}
+    predicted_label = 1 - pred  # back to the dataset's labels
+    out["confusion"] = torch.bincount(label.long() * 2 + predicted_label, minlength=4).reshape(2, 2)
+    if cates is not None:
+        if len(cates) != len(p):
+            raise ValueError(f"{len(cates)} categories for {len(p)} samples")
+        per: dict[str, dict] = {}
+        for cate in sorted({c for c in cates if c is not None}):
+            m = torch.tensor([c == cate for c in cates])
+            f = fake[m]
+            per[cate] = {"n": int(m.sum()), "acc": float((pred[m] == f).float().mean())}
+            if f.min() != f.max():
+                per[cate]["auroc"] = float(binary_auroc(p[m], f))
+        out["per_category"] = per
+    return out
+
+
+def detection_sample_ids(batch) -> list:
+    """The sample ids of a PackedBatch's detection samples, in the order of ``det_labels`` (one per labelled
+    sample; a sample without a label, e.g. a generation sample, has none): each ``det_indexes`` position lies inside
+    one sample of the packed sequence."""
+    ends = torch.tensor(batch.sample_lens).cumsum(0)
+    owner = torch.searchsorted(ends, batch.det_indexes, right=True)
+    return [batch.sample_ids[k] for k in owner.tolist()]
+
+
+########################################################################################################################
+# the callback
+########################################################################################################################
+class DetectionMetrics(Callback):
+    def __init__(self, key: str = "val", per_category: bool = True) -> None:
+        self.key, self.per_category = key, per_category
+        self._wandb: WandbLogger | None = None
+        self._ids: list = []
+        self._p: list[torch.Tensor] = []
+        self._label: list[torch.Tensor] = []
+        self._n_before = 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._wandb = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+        if self._wandb is None and trainer.is_global_zero:
+            log.info("DetectionMetrics: no WandbLogger configured, the callback is a no-op")
+
+    def _collecting(self, trainer: L.Trainer) -> bool:
+        return self._wandb is not None and not trainer.sanity_checking
+
+    # ----------------------------------------------------------------------------------------------
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._ids, self._p, self._label = [], [], []
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:
+        if self._collecting(trainer):
+            self._n_before = len(pl_module._val["p_fake"])
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not self._collecting(trainer):
+            return
+        if isinstance(batch, dict):  # as LitUniGenDet.validation_step picks it
+            batch = batch.get("det") or batch.get("gen")
+        new_p = pl_module._val["p_fake"][self._n_before:]
+        new_label = pl_module._val["label"][self._n_before:]
+        if not batch.det_labels.numel():
+            if new_p:
+                raise RuntimeError(f"validation batch {batch_idx} (loader {dataloader_idx}) has no detection "
+                                   f"samples but the module collected {len(new_p)} p(fake) entries")
+            return
+        if len(new_p) != 1 or not torch.equal(new_label[0], batch.det_labels.cpu()):
+            raise RuntimeError(f"validation batch {batch_idx} (loader {dataloader_idx}): expected one new p(fake) "
+                               f"entry with this batch's labels in pl_module._val, found {len(new_p)}")
+        ids = detection_sample_ids(batch)
+        if len(ids) != len(new_p[0]):
+            raise RuntimeError(f"{len(ids)} detection sample ids for {len(new_p[0])} p(fake) values")
+        self._ids += ids
+        self._p.append(new_p[0])
+        self._label.append(new_label[0])
+
+    def gathered(self, trainer: L.Trainer) -> tuple[list, torch.Tensor, torch.Tensor]:
+        """(sample ids, p(fake), labels) of this validation, from every rank."""
+        p = torch.cat(self._p) if self._p else torch.zeros(0)
+        label = torch.cat(self._label) if self._label else torch.zeros(0, dtype=torch.long)
+        local = (self._ids, p.tolist(), label.tolist())
+        if trainer.world_size > 1:
+            import torch.distributed as dist
+
+            parts = [None] * trainer.world_size
+            dist.all_gather_object(parts, local)
+        else:
+            parts = [local]
+        ids = [i for part in parts for i in part[0]]
+        return (ids, torch.tensor([v for part in parts for v in part[1]], dtype=torch.float32),
+                torch.tensor([v for part in parts for v in part[2]], dtype=torch.long))
+
+    def categories(self, trainer: L.Trainer, ids: list) -> list[str | None] | None:
+        """The ``cate`` of each sample id from the datamodule's val records; None when no record has one."""
+        dm = trainer.datamodule
+        if not self.per_category or dm is None or not hasattr(dm, "split_records"):
+            return None
+        cate = {r.id: getattr(r, "cate", None) for r in dm.split_records("val")}
+        if all(c is None for c in cate.values()):
+            return None
+        missing = [i for i in ids if i not in cate]
+        if missing:
+            raise KeyError(f"validation sample ids not among the datamodule's val records: {missing[:5]}")
+        return [cate[i] for i in ids]
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._collecting(trainer):
+            return
+        ids, p, label = self.gathered(trainer)
+        if not trainer.is_global_zero or not len(p):
+            return
+        summary = detection_summary(p, label, self.categories(trainer, ids))
+        self._wandb.log_metrics(self.wandb_entries(p, label, summary), step=trainer.global_step)
+
+    def wandb_entries(self, p: torch.Tensor, label: torch.Tensor, summary: dict) -> dict:
+        import wandb
+        from torchmetrics.functional.classification import binary_roc
+
+        entries: dict = {}
+        for cate, m in summary.get("per_category", {}).items():
+            entries.update({f"{self.key}/cate/{cate}/{name}": v for name, v in m.items()})
+        fake = (label == 0).long()
+        if fake.min() != fake.max():  # a ROC curve needs both classes
+            fpr, tpr, _ = binary_roc(p, fake)
+            rows = [["fake", round(float(x), 3), round(float(y), 3)] for x, y in zip(fpr, tpr, strict=True)]
+            entries[f"{self.key}/roc"] = wandb.plot.plot_table(  # the chart of wandb.plot.roc_curve
+                "wandb/area-under-curve/v0", wandb.Table(columns=["class", "fpr", "tpr"], data=rows),
+                {"x": "fpr", "y": "tpr", "class": "class"},
+                {"title": "ROC Curve (fake)", "x-axis-title": "False positive rate",
+                 "y-axis-title": "True positive rate"})
+        predicted = (p < 0.5).long()  # dataset label of the prediction: 0 = fake
+        entries[f"{self.key}/confusion_matrix"] = wandb.plot.confusion_matrix(
+            y_true=label.tolist(), preds=predicted.tolist(), class_names=CLASS_NAMES, title="Real/fake head")
+        return entries
