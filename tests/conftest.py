@@ -30,6 +30,22 @@ def bagel_keys_file() -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _no_leaked_wandb_service():
+    """A W&B run started in this process leaves its service address in os.environ (WANDB_SERVICE): a later test's
+    subprocess would inherit it and talk to that (finished) service instead of its own. Shut it down and forget it."""
+    before = os.environ.get("WANDB_SERVICE")
+    yield
+    if os.environ.get("WANDB_SERVICE") != before:
+        import wandb
+
+        wandb.teardown()
+        if before is None:
+            os.environ.pop("WANDB_SERVICE", None)
+        else:
+            os.environ["WANDB_SERVICE"] = before
+
+
+@pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     yield
