@@ -18,19 +18,8 @@ for arg in "$@"; do
   esac
 done
 
-# stop_by_pidfile FILE NAME: SIGTERM the pid in FILE if that process is NAME; SIGKILL after 10 s
-stop_by_pidfile() {
-  local file=$1 name=$2 pid
-  [ -s "$file" ] || return 0
-  pid=$(cat "$file")
-  if [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ]; then
-    echo "slurm-down: stopping $name (pid $pid)"
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    if kill -0 "$pid" 2>/dev/null; then echo "slurm-down: SIGKILL $name $pid"; kill -9 "$pid" 2>/dev/null; fi
-  fi
-  rm -f "$file"
-}
+# shellcheck source=ci/slurm-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/slurm-lib.sh"
 
 if [ -s "$run/slurmctld.pid" ] && command -v scontrol >/dev/null && scontrol ping 2>/dev/null | grep -q UP; then
   jobs=$(squeue -h -o %i 2>/dev/null)

@@ -103,18 +103,8 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
 
 ########################################################################## slurmctld + slurmd
-# stop_by_pidfile FILE NAME: SIGTERM the pid in FILE if that process is NAME; SIGKILL after 10 s
-stop_by_pidfile() {
-  local file=$1 name=$2 pid
-  [ -s "$file" ] || return 0
-  pid=$(cat "$file")
-  if [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ]; then
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    if kill -0 "$pid" 2>/dev/null; then kill -9 "$pid" 2>/dev/null || true; fi
-  fi
-  rm -f "$file"
-}
+# shellcheck source=ci/slurm-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/slurm-lib.sh"
 stop_by_pidfile "$run/slurmd.pid" slurmd
 stop_by_pidfile "$run/slurmctld.pid" slurmctld
 
