@@ -96,14 +96,10 @@ def test_logged_per_category_metrics_roc_and_confusion(corpus, offline_wandb, tm
 
 def visualized(run_dir: Path) -> dict[str, dict]:
     """The custom-chart panel configs the run declares (config ``_wandb.visualize``), by history key."""
-    from wandb.proto import wandb_internal_pb2
-
-    from tests.test_explanations_callback import iter_records
+    from tests.wandb_log import records
 
     charts = {}
-    for data in iter_records(next(run_dir.glob("run-*.wandb"))):
-        rec = wandb_internal_pb2.Record()
-        rec.ParseFromString(data)
+    for rec in records(next(run_dir.glob("run-*.wandb"))):
         if rec.WhichOneof("record_type") == "config":
             for item in rec.config.update:
                 if list(item.nested_key[:2]) == ["_wandb", "visualize"]:

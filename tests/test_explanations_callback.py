@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -15,53 +14,19 @@ import torch
 from callbacks import ForensicExplanations
 from callbacks.explanations import COLUMNS, LABELS, choose_panel
 from tests.test_lit_module import corpus, make, trainer  # noqa: F401  (corpus is a fixture)
-
-
-def iter_records(path: Path):
-    """Payloads of a W&B ``run-*.wandb`` file: leveldb-log chunks in 32 KiB blocks after a 7-byte header."""
-    buf = path.read_bytes()
-    assert buf[:4] == b":W&B"
-    pos, block, pending = 7, 32768, b""
-    while pos + 7 <= len(buf):
-        left = block - (pos % block)
-        if left < 7:
-            pos += left
-            continue
-        _crc, n, typ = struct.unpack("<IHB", buf[pos:pos + 7])
-        if typ == 0 and n == 0:
-            pos += left
-            continue
-        data = buf[pos + 7:pos + 7 + n]
-        pos += 7 + n
-        if typ == 1:
-            yield data
-        elif typ == 2:
-            pending = data
-        elif typ == 3:
-            pending += data
-        elif typ == 4:
-            yield pending + data
-            pending = b""
+from tests.wandb_log import records, set_nested
 
 
 def history(run_dir: Path) -> tuple[list[dict], list]:
     """The run's history rows (nested media keys unfolded) and its artifact records."""
-    from wandb.proto import wandb_internal_pb2
-
     rows, artifacts = [], []
-    for data in iter_records(next(run_dir.glob("run-*.wandb"))):
-        rec = wandb_internal_pb2.Record()
-        rec.ParseFromString(data)
+    for rec in records(next(run_dir.glob("run-*.wandb"))):
         if rec.WhichOneof("record_type") == "artifact":
             artifacts.append(rec.artifact)
         if rec.WhichOneof("record_type") == "history":
             row: dict = {}
             for item in rec.history.item:
-                keys = [item.key] if item.key else list(item.nested_key)
-                d = row
-                for k in keys[:-1]:
-                    d = d.setdefault(k, {})
-                d[keys[-1]] = json.loads(item.value_json)
+                set_nested(row, [item.key] if item.key else list(item.nested_key), json.loads(item.value_json))
             rows.append(row)
     return rows, artifacts
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import yaml
 
 from tests.conftest import REPO
 from tests.test_resume import SMALL, corpus  # noqa: F401  (``corpus`` is a fixture)
+from tests.wandb_log import read_run
 
 SWEEPS = sorted((REPO / "experiments" / "sweeps").glob("*.yaml"))
 # the top-level keys of a sweep configuration (https://docs.wandb.ai/guides/sweeps/sweep-config-keys/)
@@ -154,68 +154,3 @@ def model_overrides(params: dict) -> dict:
     """tests.test_resume.SMALL, with enough decoder layers for a swept DIGA layer."""
     layers = max(SMALL["mot"]["n_layers"], params.get("model.schedule.diga_layer") or 0)
     return {**SMALL, "mot": {**SMALL["mot"], "n_layers": layers}}
-
-
-#####################################################################################################
-# The offline run's transaction log (run-<id>.wandb): leveldb-log framing of wandb_internal_pb2.Record
-#####################################################################################################
-
-BLOCK = 32768
-HEADER = 7  # ":W&B" + magic (2) + version (1); each chunk: crc32 (4), length (2), type (1)
-FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
-
-
-def iter_records(path: Path):
-    buf = path.read_bytes()
-    assert buf[:4] == b":W&B", f"{path} is not a W&B transaction log"
-    pos, pending = HEADER, b""
-    while pos + 7 <= len(buf):
-        left = BLOCK - pos % BLOCK
-        if left < 7:  # block trailer: padding
-            pos += left
-            continue
-        _crc, n, kind = struct.unpack("<IHB", buf[pos:pos + 7])
-        if kind == 0 and n == 0:  # zero padding to the end of the block
-            pos += left
-            continue
-        data = buf[pos + 7:pos + 7 + n]
-        pos += 7 + n
-        if kind == FULL:
-            yield data
-        elif kind == FIRST:
-            pending = data
-        elif kind == MIDDLE:
-            pending += data
-        elif kind == LAST:
-            yield pending + data
-            pending = b""
-        else:
-            raise ValueError(f"{path}: unknown chunk type {kind} at byte {pos}")
-
-
-def read_run(path: Path) -> tuple[dict, list[dict]]:
-    """(the run's config after every update, its history rows) from an offline run's transaction log."""
-    from wandb.proto import wandb_internal_pb2
-
-    config: dict = {}
-    history: list[dict] = []
-    for data in iter_records(path):
-        rec = wandb_internal_pb2.Record()
-        rec.ParseFromString(data)
-        kind = rec.WhichOneof("record_type")
-        if kind in ("run", "config"):
-            items = rec.run.config.update if kind == "run" else rec.config.update
-            for item in items:
-                set_nested(config, [item.key] if item.key else list(item.nested_key), json.loads(item.value_json))
-        elif kind == "history":
-            row: dict = {}
-            for item in rec.history.item:
-                set_nested(row, [item.key] if item.key else list(item.nested_key), json.loads(item.value_json))
-            history.append(row)
-    return config, history
-
-
-def set_nested(d: dict, keys: list[str], value) -> None:
-    for key in keys[:-1]:
-        d = d.setdefault(key, {})
-    d[keys[-1]] = value
