@@ -25,7 +25,6 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
-from unigendet.images import open_image
 from unigendet.sharding import is_sharded, unsharded
 from unigendet.skips import SkipCounter
 
@@ -89,8 +88,7 @@ class ForensicExplanations(Callback):
         records = dm.split_records("val")
         self._panel = choose_panel(records, self.n_images)
         skips = SkipCounter()
-        root = dm._root(dm._path("val"))
-        self._images = [open_image(r.image, skips, r.id, root=root) for r in self._panel]
+        self._images = [dm.record_image("val", r, skips) for r in self._panel]
         bad = [r.id for r, img in zip(self._panel, self._images, strict=True) if img is None]
         if bad:
             raise ValueError(f"panel images could not be read: {bad} ({dict(skips.counts)})")

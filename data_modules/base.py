@@ -103,6 +103,11 @@ class StreamDataModule(L.LightningDataModule):
             self._records[split] = self.records(split)
         return self._records[split]
 
+    def record_image(self, split: str, rec, skips: SkipCounter | None = None):
+        """The decoded RGB image of one record of ``split`` (PIL), or None with the reason counted in ``skips``
+        (default: ``read_skips``). Paths stay confined to the split's data root, as in training."""
+        raise NotImplementedError(f"{type(self).__name__} does not define record_image")
+
     def estimate_packs(self, records: Sequence, planner, budget: int, world: int, probe: int = 16) -> int:
         """Packs per rank for one pass over ``records``, from the token counts of the first ``probe`` records."""
         counts = []

@@ -8,6 +8,8 @@ from pathlib import Path
 from data_modules.base import StreamDataModule, balanced, resolve
 from data_modules.plans import DetectionPlanner
 from data_modules.records import read_detection
+from unigendet.images import open_image
+from unigendet.skips import SkipCounter
 
 
 @dataclass(eq=False, repr=False)
@@ -35,6 +37,10 @@ class DetectionDataModule(StreamDataModule):
 
     def _root(self, path: Path) -> Path:
         return resolve(self.image_root) or path.parent
+
+    def record_image(self, split: str, rec, skips: SkipCounter | None = None):
+        return open_image(rec.image, self.read_skips if skips is None else skips, rec.id,
+                          root=self._root(self._path(split)))
 
     def planner(self, split: str) -> DetectionPlanner:
         return DetectionPlanner(self.tok, self.vit_tf(), self.vae_tf(), image_root=self._root(self._path(split)),

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 from data_modules.base import StreamDataModule
 from data_modules.plans import DEFAULT_TEACHER_PROMPT, T2IPlanner
-from data_modules.records import read_t2i
+from data_modules.records import load_parquet_image_bytes, read_t2i
+from unigendet.images import open_image
+from unigendet.skips import SkipCounter
 
 
 @dataclass(eq=False, repr=False)
@@ -32,6 +34,13 @@ class T2IDataModule(StreamDataModule):
         if not recs:
             raise ValueError(f"{path}: no usable text-to-image records (skipped: {dict(self.read_skips.counts)})")
         return recs
+
+    def record_image(self, split: str, rec, skips: SkipCounter | None = None):
+        skips = self.read_skips if skips is None else skips
+        if rec.shard is not None:
+            return open_image(load_parquet_image_bytes(rec.shard, rec.row, self.image_column), skips, rec.id)
+        path = self._path(split)
+        return open_image(rec.image, skips, rec.id, root=path if path.is_dir() else path.parent)
 
     def planner(self, split: str) -> T2IPlanner:
         path = self._path(split)

@@ -467,6 +467,29 @@ class LitUniGenDet(L.LightningModule):
         self.model.train(was_training)
         return images
 
+    @torch.no_grad()
+    def detect_images(self, images: list, *, use_ema: bool = False, batch_size: int = 8) -> Tensor:
+        """p(fake) from the real/fake head (no explanation) for PIL images, as the detection data presents them
+        (the data module's transforms, question and VAE split): (N,) on the CPU."""
+        from unigendet.inference import DEFAULT_PROMPT, Engine
+
+        dm = self.trainer.datamodule
+        was_training = self.model.training
+        ctx = self.ema.swap(self.model) if (use_ema and self.ema is not None) else contextlib.nullcontext()
+        out = []
+        try:
+            with ctx, unsharded(self.model):
+                engine = Engine(self.model, dm.tok)
+                if hasattr(dm, "with_vae"):  # a detection side: its resolutions, question and SMSA setting
+                    engine.vit_tf, engine.vae_tf = dm.vit_tf(), dm.vae_tf()
+                prompt = getattr(dm, "prompt", None) or DEFAULT_PROMPT
+                for i in range(0, len(images), batch_size):
+                    out += [r.p_fake for r in engine.detect(images[i: i + batch_size], prompt=prompt, explain=False,
+                                                            with_vae=getattr(dm, "with_vae", True))]
+        finally:
+            self.model.train(was_training)
+        return torch.tensor(out)
+
     # ----------------------------------------------------------------------------------------------
     # validation / test
     # ----------------------------------------------------------------------------------------------
