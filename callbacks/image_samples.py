@@ -1,0 +1,131 @@
+"""ImageSamples: how the generator's samples evolve, and how the detector judges them, on fixed prompts and seeds.
+
+Features:
+
+* **Fixed prompts and noise**, so runs and steps are comparable: ``prompts`` as given, else the first ``n_prompts``
+  captions of the text-to-image ``val`` split (``train`` when there is none), chosen once and kept. Prompt ``i``
+  always gets seed ``seed + i`` (:meth:`LitUniGenDet.generate_images` seeds each image on its own).
+* **Logged to W&B** under ``key`` (default ``samples``): ``<key>/grid`` (one image, rows of ``n_cols``, captioned
+  ``index: prompt``), ``<key>/images`` (one image per prompt, captioned ``prompt | seed s | p(fake) p``),
+  ``<key>/p_fake_mean`` and ``<key>/p_fake/<i>``; the grid PNG is also written to
+  ``<save_dir or trainer.default_root_dir>/<key>/grid_step_<step>.png`` (by default ``.../samples/...``; the key
+  keeps two instances with different keys apart).
+* **The co-evolution in one view**: p(fake) is the detection head's verdict
+  (:meth:`LitUniGenDet.detect_images`) on the very images logged, from the same weights (EMA by default). Without a
+  detection side in the datamodule (no ``with_vae``), p(fake) is skipped with one notice.
+* **When**: at the end of every validation (not the sanity check) with ``on_validation``, and/or after every
+  ``every_n_steps`` training steps; at most once per training step.
+* **Rank zero only**: other ranks do nothing, except under FSDP2, where every rank must take part in the parameter
+  all-gathers, so every rank generates (the same images) and only rank zero writes and logs.
+* **No W&B logger, no work**: one notice on logger ``unigendet.callbacks``, then nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+
+from unigendet.sharding import is_sharded
+
+log = logging.getLogger("unigendet.callbacks")
+
+
+def tile(images: list, n_cols: int):
+    """The images side by side in rows of ``n_cols`` (top-left first), on white; all images the size of the first."""
+    from PIL import Image
+
+    w, h = images[0].size
+    cols = min(n_cols, len(images))
+    grid = Image.new("RGB", (cols * w, math.ceil(len(images) / cols) * h), "white")
+    for i, img in enumerate(images):
+        grid.paste(img, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def first_captions(dm, n: int) -> list[str]:
+    """The first ``n`` captions of the text-to-image side's ``val`` split (``train`` when it has no ``val``)."""
+    t2i = getattr(dm, "gen_dm", dm)
+    split = "val" if getattr(t2i, "val", None) else "train"
+    return [rec.prompt for rec in t2i.split_records(split)[:n]]
+
+
+class ImageSamples(Callback):
+    def __init__(self, prompts: list[str] | None = None, n_prompts: int = 8, px: int = 64, steps: int = 25,
+                 cfg_scale: float | None = None, seed: int = 0, every_n_steps: int = 0, on_validation: bool = True,
+                 use_ema: bool = True, n_cols: int = 8, key: str = "samples", save_dir: str | None = None) -> None:
+        if prompts is not None and not prompts:
+            raise ValueError("prompts must be None or a non-empty list")
+        if n_prompts < 1 or n_cols < 1 or px < 1 or steps < 1:
+            raise ValueError(f"n_prompts, n_cols, px and steps must be >= 1, got {n_prompts}, {n_cols}, {px}, {steps}")
+        if every_n_steps < 0:
+            raise ValueError(f"every_n_steps must be >= 0 (0: off), got {every_n_steps}")
+        self.prompts = list(prompts) if prompts is not None else None
+        self.n_prompts, self.px, self.steps, self.cfg_scale, self.seed = n_prompts, px, steps, cfg_scale, seed
+        self.every_n_steps, self.on_validation, self.use_ema = every_n_steps, on_validation, use_ema
+        self.n_cols, self.key, self.save_dir = n_cols, key, save_dir
+        self._wandb: WandbLogger | None = None
+        self._last_step: int | None = None
+        self._warned_no_detector = False
+
+    # ----------------------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._wandb = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+        if self._wandb is None and trainer.is_global_zero:
+            log.info("ImageSamples: no WandbLogger configured, the callback is a no-op")
+
+    def _active(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+        return self._wandb is not None and (trainer.is_global_zero or is_sharded(pl_module.model))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.on_validation and not trainer.sanity_checking and self._active(trainer, pl_module):
+            self.log_samples(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        n = self.every_n_steps
+        if n and trainer.global_step % n == 0 and self._active(trainer, pl_module):
+            self.log_samples(trainer, pl_module)
+
+    # ----------------------------------------------------------------------------------------------
+    def sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[list[str], list, torch.Tensor | None]:
+        """(prompts, PIL images, p(fake) of each image or None without a detection side) for the current weights."""
+        dm = trainer.datamodule
+        if self.prompts is None:
+            self.prompts = first_captions(dm, self.n_prompts)
+        images = pl_module.generate_images(self.prompts, height=self.px, width=self.px, steps=self.steps,
+                                           seed=self.seed, cfg_scale=self.cfg_scale, use_ema=self.use_ema)
+        if not hasattr(dm, "with_vae"):
+            if not self._warned_no_detector and trainer.is_global_zero:
+                log.info("ImageSamples: the datamodule has no detection side, p(fake) is not logged")
+            self._warned_no_detector = True
+            return self.prompts, images, None
+        return self.prompts, images, pl_module.detect_images(images, use_ema=self.use_ema)
+
+    def log_samples(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if step == self._last_step:  # a validation right after an every_n_steps sample: same weights
+            return
+        self._last_step = step
+        prompts, images, p_fake = self.sample(trainer, pl_module)
+        if not trainer.is_global_zero:
+            return
+        import wandb
+
+        grid = tile(images, self.n_cols)
+        path = Path(self.save_dir or trainer.default_root_dir) / self.key / f"grid_step_{step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        captions = [f"{p} | seed {self.seed + i}" + ("" if p_fake is None else f" | p(fake) {p_fake[i]:.3f}")
+                    for i, p in enumerate(prompts)]
+        metrics = {f"{self.key}/grid": wandb.Image(grid, caption="\n".join(f"{i}: {p}" for i, p in enumerate(prompts))),
+                   f"{self.key}/images": [wandb.Image(img, caption=c) for img, c in zip(images, captions, strict=True)]}
+        if p_fake is not None:
+            metrics[f"{self.key}/p_fake_mean"] = float(p_fake.mean())
+            metrics.update({f"{self.key}/p_fake/{i}": float(p) for i, p in enumerate(p_fake)})
+        self._wandb.log_metrics(metrics, step=step)
