@@ -1,0 +1,214 @@
+"""Generation quality with torch-fidelity: FID, KID and Inception Score of generated images against real ones, offline.
+
+Features:
+
+* **Offline by construction**: torch-fidelity downloads its Inception-v3 weights from GitHub when it is given no path;
+  here a local file is required (:func:`inception_weights`) and always passed as ``feature_extractor_weights_path``,
+  so nothing is ever downloaded. The real file is torch-fidelity's release asset
+  ``weights-inception-2015-12-05-6726825d.pth`` (``INCEPTION_URL``), which users fetch themselves.
+* **Validated before torch-fidelity sees it**: torch-fidelity calls ``torch.load(path, weights_only=False)``, which
+  can run code pickled into the file. :func:`inception_weights` first loads it with ``weights_only=True`` (a file
+  with pickled code or objects is refused with a ``ValueError``) and checks that it is a dict of tensors with the
+  Inception-v3 keys and shapes (``fc.weight`` is (1008, 2048)). Validation is memoized per (path, size, mtime).
+* **safetensors accepted**: a ``.safetensors`` copy is converted once to a plain ``.pth`` (``torch.save`` of the tensor
+  dict) in a cache folder next to it (``.fidelity_cache/``, else a per-user temp folder), named by the file's SHA-256;
+  the cached file is validated like any other before its path is returned.
+* **One preprocessing for both sides** (METHOD.md section 6, "centre-cropped and resized to 299"): the largest centred
+  square, bicubic resize to 299, RGB, uint8 (:func:`fidelity_images`); converted lazily, one image at a time.
+* **Small-sample safe**: ``kid_subset_size`` defaults to ``min(1000, n_real, n_fake)`` and ``isc_splits`` is clipped
+  to half the number of fakes (a split of one image has IS = 1 whatever it shows); IS is computed on the generated
+  images. ``cache=False`` (no feature caches under the torch hub folder), no worker processes, quiet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+ENV_VAR = "UNIGENDET_INCEPTION_WEIGHTS"
+# a sample of torch-fidelity's FeatureExtractorInceptionV3 state-dict entries, first to last layer, with their shapes
+REQUIRED_KEYS = {
+    "Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3),
+    "Conv2d_1a_3x3.bn.running_mean": (32,),
+    "Mixed_5b.branch1x1.conv.weight": (64, 192, 1, 1),
+    "Mixed_6e.branch7x7dbl_5.conv.weight": (192, 192, 1, 7),
+    "Mixed_7c.branch_pool.conv.weight": (192, 2048, 1, 1),
+    "fc.weight": (1008, 2048),
+    "fc.bias": (1008,),
+}
+METRIC_NAMES = {"frechet_inception_distance": "fid", "kernel_inception_distance_mean": "kid_mean",
+                "kernel_inception_distance_std": "kid_std", "inception_score_mean": "is_mean",
+                "inception_score_std": "is_std"}
+
+_validated: dict[tuple, Path] = {}  # (resolved path, size, mtime_ns) -> the .pth path to hand to torch-fidelity
+
+
+class InceptionWeightsMissing(FileNotFoundError):
+    """No Inception-v3 weights file where the configuration points (torch-fidelity's file is never downloaded)."""
+
+
+########################################################################################################################
+# the weights file
+########################################################################################################################
+def _missing(path) -> InceptionWeightsMissing:
+    where = "no path was given" if path is None else f"{str(path)!r} does not exist"
+    return InceptionWeightsMissing(
+        f"Inception-v3 weights for FID/KID/IS: {where}. Point the `inception_weights` argument (or the {ENV_VAR} "
+        f"environment variable) at torch-fidelity's {INCEPTION_FILE}, which you download yourself from {INCEPTION_URL} "
+        "(a .safetensors copy of it also works); nothing is downloaded automatically.")
+
+
+def _check_state_dict(state, path: Path) -> None:
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise ValueError(f"{path}: not a dict of tensors (name -> tensor), so not Inception-v3 weights")
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"{path}: not torch-fidelity's Inception-v3 weights, missing keys {missing[:3]} "
+                         f"(expected {INCEPTION_FILE})")
+    wrong = {k: tuple(state[k].shape) for k, shape in REQUIRED_KEYS.items() if tuple(state[k].shape) != shape}
+    if wrong:
+        raise ValueError(f"{path}: Inception-v3 tensors of the wrong shape {wrong} (expected {INCEPTION_FILE})")
+
+
+def _load_pth(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickled code or objects (weights_only refuses them), or not a torch file at all
+        raise ValueError(f"{path}: refused as Inception weights, it does not load as plain tensors with "
+                         f"torch.load(weights_only=True) (pickled objects or code, or not a torch file): {e}") from e
+    _check_state_dict(state, path)
+    return state
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cache_dir(src: Path) -> Path:
+    here = src.parent / ".fidelity_cache"
+    if os.access(src.parent, os.W_OK):
+        here.mkdir(exist_ok=True)
+        return here
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    tmp = Path(tempfile.gettempdir()) / f"unigendet-fidelity-{uid}"
+    tmp.mkdir(mode=0o700, exist_ok=True)
+    return tmp
+
+
+def _from_safetensors(path: Path) -> Path:
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(path, device="cpu")
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable safetensors file: {e}") from e
+    _check_state_dict(state, path)
+    out = _cache_dir(path) / f"{path.stem}-{_sha256(path)[:16]}.pth"
+    if not out.is_file():
+        fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".pth.tmp")
+        os.close(fd)
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, out)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    return out
+
+
+def inception_weights(path: str | os.PathLike | None) -> Path:
+    """The validated ``.pth`` path of torch-fidelity's Inception-v3 weights, safe to pass to torch-fidelity.
+
+    Raises:
+        InceptionWeightsMissing: ``path`` is None or no file is there.
+        ValueError: the file holds pickled objects/code, is not a dict of tensors, or lacks the Inception-v3 tensors.
+    """
+    if path is None or not Path(path).is_file():
+        raise _missing(path)
+    src = Path(path).resolve()
+    st = src.stat()
+    key = (str(src), st.st_size, st.st_mtime_ns)
+    if key in _validated:
+        return _validated[key]
+    out = _from_safetensors(src) if src.suffix == ".safetensors" else src
+    _load_pth(out)  # the file torch-fidelity will load (a cached conversion too: the cache folder may be shared)
+    _validated[key] = out
+    return out
+
+
+########################################################################################################################
+# the images
+########################################################################################################################
+def _square(img, size: int) -> torch.Tensor:
+    from PIL import Image
+
+    img = img.convert("RGB")
+    w, h = img.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    img = img.crop((left, top, left + s, top + s)).resize((size, size), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # (3, size, size) uint8
+
+
+def fidelity_images(images: list, size: int = 299) -> torch.Tensor:
+    """PIL images -> (N, 3, size, size) uint8: the largest centred square, bicubic-resized to ``size``, RGB."""
+    return torch.stack([_square(img, size) for img in images])
+
+
+class FidelityImages(Dataset):
+    """The torch-fidelity input: PIL images served as (3, 299, 299) uint8 tensors, converted on access."""
+
+    def __init__(self, images: list, size: int = 299) -> None:
+        self.images, self.size = images, size
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return _square(self.images[i], self.size)
+
+
+########################################################################################################################
+# the metrics
+########################################################################################################################
+def fidelity_metrics(real: list, fake: list, weights: str | os.PathLike, *, fid: bool = True, kid: bool = True,
+                     isc: bool = True, kid_subset_size: int | None = None, isc_splits: int = 10, batch_size: int = 32,
+                     device: str = "cpu") -> dict[str, float]:
+    """FID and KID of ``fake`` against ``real`` and the Inception Score of ``fake`` (PIL images, any sizes).
+
+    Returns the requested ones of ``fid``, ``kid_mean``, ``kid_std``, ``is_mean``, ``is_std``, plus ``n_real`` and
+    ``n_fake``. ``weights`` is checked with :func:`inception_weights` first.
+    """
+    import torch_fidelity
+
+    if len(fake) < 2 or ((fid or kid) and len(real) < 2):
+        raise ValueError(f"FID/KID/IS need at least 2 images on each side, got {len(real)} real and {len(fake)} fake")
+    path = inception_weights(weights)
+    dev = torch.device(device)
+    kwargs = dict(input1=FidelityImages(fake), fid=fid, kid=kid, isc=isc, batch_size=batch_size,
+                  cuda=dev.type == "cuda", feature_extractor="inception-v3-compat",
+                  feature_extractor_weights_path=str(path), cache=False, verbose=False, save_cpu_ram=True)
+    if fid or kid:
+        kwargs["input2"] = FidelityImages(real)
+    if kid:
+        kwargs["kid_subset_size"] = min(kid_subset_size or 1000, len(real), len(fake))
+    if isc:
+        kwargs["isc_splits"] = max(1, min(isc_splits, len(fake) // 2))  # >= 2 images a split (1 gives IS = 1)
+    with torch.cuda.device(dev) if dev.type == "cuda" and dev.index is not None else contextlib.nullcontext():
+        raw = torch_fidelity.calculate_metrics(**kwargs)
+    out = {name: float(raw[k]) for k, name in METRIC_NAMES.items() if k in raw}
+    out.update(n_real=len(real), n_fake=len(fake))
+    return out
+
