@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from unigendet.ema import EMA
+from unigendet.evaluation import EvalConfig
 from unigendet.model.config import UniGenDetConfig
 from unigendet.model.packing import PackedBatch, SamplePlan, TextSplit, VAESplit, ViTSplit, pack
 from unigendet.model.unigendet import UniGenDet
@@ -111,7 +112,8 @@ class LitUniGenDet(L.LightningModule):
                  loss: LossWeights | None = None, schedule: Schedule | None = None, optim: OptimConfig | None = None,
                  freeze: list[str] | None = None, ema_decay: float | None = 0.999, attn_backend: str = "auto",
                  seed: int = 0, val_samples: int = 0, val_sample_px: int = 64, val_sample_steps: int = 10,
-                 fsdp: FSDPConfig | None = None, rank_seeds: bool = True) -> None:
+                 fsdp: FSDPConfig | None = None, rank_seeds: bool = True,
+                 evaluation: EvalConfig | None = None) -> None:
         """
         Args:
             model: a preset name (``tiny``, ``demo``, ``debug``, ``bagel-7b-mot``) or a BAGEL / UniGenDet folder.
@@ -126,6 +128,9 @@ class LitUniGenDet(L.LightningModule):
             rank_seeds: after the (identical) initialisation, rank r's random stream (flow noise, posterior
                 samples) starts from ``seed + r``, so ranks draw independent noise; False: every rank draws the
                 same noise (only for checking a multi-process run against a single process).
+            evaluation: what ``test`` evaluates after the test loop (:class:`unigendet.evaluation.EvalConfig`):
+                detection with explanations (Acc / F1 from the head and from the text, ROUGE-L, CSS) and generation
+                (FID / KID / IS, the detector's p(fake)); report files under ``<log dir>/eval``.
         """
         super().__init__()
         self.automatic_optimization = False
@@ -133,6 +138,7 @@ class LitUniGenDet(L.LightningModule):
         self.sched = schedule or Schedule()
         self.optim_cfg = optim or OptimConfig()
         self.fsdp_cfg = fsdp or FSDPConfig()
+        self.eval_cfg = evaluation or EvalConfig()
         self.save_hyperparameters({"model": model, "model_overrides": model_overrides or {}, "init_from": init_from,
                                    "loss": dataclasses.asdict(self.loss_w), "schedule": dataclasses.asdict(self.sched),
                                    "optim": dataclasses.asdict(self.optim_cfg), "freeze": list(freeze or []),
@@ -140,6 +146,9 @@ class LitUniGenDet(L.LightningModule):
                                    "val_samples": val_samples, "val_sample_px": val_sample_px,
                                    "val_sample_steps": val_sample_steps,
                                    "fsdp": dataclasses.asdict(self.fsdp_cfg), "rank_seeds": rank_seeds})
+        # ``evaluation`` is deliberately not a hyperparameter: LightningCLI's ``test --ckpt_path`` applies the
+        # checkpoint's hyperparameters OVER the command line, which would silently replace the evaluation settings
+        # given for this test run with the defaults the training run saved
         if Path(model).is_dir():
             self.cfg = UniGenDetConfig.from_bagel_dir(model)
         else:
@@ -553,8 +562,39 @@ class LitUniGenDet(L.LightningModule):
     test_step = validation_step
 
     def on_test_epoch_end(self) -> None:
-        self._leave_ema()
+        """The test loop's head metrics (teacher-forced batches), then the evaluation protocol (EMA weights)."""
         self.log_dict({f"test/{k}": v for k, v in detection_metrics(self._val).items()}, sync_dist=True)
+        try:
+            if self.eval_cfg.detection or self.eval_cfg.generation:
+                self.log_dict(self.evaluate_protocol())
+        finally:
+            self._leave_ema()
+
+    def evaluate_protocol(self) -> dict[str, float]:
+        """:func:`unigendet.evaluation.run_protocol` on the data module's test split; rank 0 writes the report
+        (JSON, JSONL rows, Markdown, generated PNGs) and, with a W&B logger, a table of the rows."""
+        from unigendet.evaluation import flat_metrics, run_protocol, write_report
+        from unigendet.inference import Engine
+
+        dm = self.trainer.datamodule
+        was_training = self.model.training
+        try:
+            with unsharded(self.model):
+                engine = Engine(self.model, dm.tok)
+                results = run_protocol(engine, dm, self.eval_cfg,
+                                       detect_images=lambda images: self.detect_images(images))
+        finally:
+            self.model.train(was_training)
+        if self.trainer.is_global_zero:
+            root = self.trainer.log_dir or self.trainer.default_root_dir
+            out = write_report(results, self.eval_cfg.out_dir or Path(root) / "eval")
+            log.info("evaluation report: %s", out / "report.md")
+            rows = results["_rows"]
+            for lg in self.loggers:
+                if rows and hasattr(lg, "log_table"):
+                    columns = [k for k in rows[0] if k != "index"]
+                    lg.log_table(key="test/detections", columns=columns, data=[[r[k] for k in columns] for r in rows])
+        return flat_metrics(results)
 
     @torch.no_grad()
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:

@@ -1,0 +1,205 @@
+"""The evaluation protocol: text metrics against reference implementations, summaries against hand-computed values,
+and ``python -m unigendet test`` end to end on a trained checkpoint, its report checked against an independent
+detection / generation pass over the same EMA weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.inception_file import inception_weights  # noqa: F401  (a fixture)
+from tests.test_resume import SMALL, corpus, fit_command, run  # noqa: F401  (corpus is a fixture)
+from unigendet.evaluation import EvalConfig, flat_metrics, markdown, summarize_detection
+from unigendet.text_metrics import css, parse_label, rouge_l
+
+# (reference, prediction, CSS from scikit-learn 1.9.1 TfidfVectorizer().fit_transform([ref, pred]) + cosine_similarity,
+#  ROUGE-L F from rouge-score 0.1.2 RougeScorer(["rougeL"], use_stemmer=True).score(ref, pred)), computed once in a
+# scratch environment (neither package is a dependency)
+REFERENCE = [
+    ("This is a fake image. The lighting on the face is inconsistent and the hands have six fingers.",
+     "This is a fake image. The face has inconsistent lighting, and one hand shows extra fingers.",
+     0.5423913240058535, 0.6470588235294118),
+    ("This is a real image. Natural noise, consistent shadows.", "This is a fake image. Smooth textures everywhere.",
+     0.2532094495161745, 0.47058823529411764),
+    ("A a I", "the cats are running quickly", 0.0, 0.0),
+    ("Running runners ran; generated generation GENERATES.", "run runner generate generated",
+     0.11521554337793122, 0.8),
+]
+
+
+@pytest.mark.parametrize("ref,pred,expected_css,expected_rouge", REFERENCE)
+def test_css_and_stemmed_rouge_l_match_the_reference_implementations(ref, pred, expected_css, expected_rouge):
+    assert css(ref, pred) == pytest.approx(expected_css, abs=1e-9)
+    assert css(pred, ref) == pytest.approx(expected_css, abs=1e-9)  # symmetric
+    assert rouge_l(pred, ref) == pytest.approx(expected_rouge, abs=1e-6)
+
+
+def test_stemming_is_what_makes_the_last_pair_score():
+    ref, pred = REFERENCE[3][:2]
+    assert rouge_l(pred, ref, stem=False) < 0.5 < rouge_l(pred, ref)
+
+
+@pytest.mark.parametrize("text,label", [
+    ("This is a fake image. The hands ...", 0), ("This is a REAL image.", 1), ("Real photo, not fake", 1),
+    ("It looks fake, not real.", 0), ("fakes are everywhere", None), ("unreal lighting", None), ("", None),
+    (None, None),
+])
+def test_label_is_the_first_verdict_word(text, label):
+    assert parse_label(text) == label
+
+
+def test_summary_against_hand_computed_values():
+    def row(label, p_fake, text, cate):
+        return {"label": label, "p_fake": p_fake, "head": "fake" if p_fake >= 0.5 else "real", "text": text,
+                "cate": cate, "rouge_l": 0.5 if text == label else 0.1, "css": 0.25}
+
+    rows = [row("fake", 0.9, "fake", "a"), row("fake", 0.4, None, "a"), row("fake", 0.7, "real", "b"),
+            row("real", 0.2, "real", "b"), row("real", 0.6, "real", "b")]
+    s = summarize_detection(rows)
+    assert (s["n"], s["n_fake"], s["n_real"]) == (5, 3, 2)
+    # head: predictions fake, real, fake, real, fake vs truth fake, fake, fake, real, real -> 3/5 right
+    # F1(fake) = 2*2/(2*2+1+1) = 2/3, F1(real) = 2*1/(2*1+1+1) = 1/2, macro 7/12
+    assert s["head"]["acc"] == pytest.approx(0.6)
+    assert s["head"]["f1"] == pytest.approx(7 / 12)
+    # AUROC: fake scores {.9,.4,.7} vs real {.2,.6}: pairs won 2 + 1 + 2 = 5 of 6
+    assert s["head"]["auroc"] == pytest.approx(5 / 6)
+    # text: fake, (unparsed -> wrong), real, real, real vs truth -> 3/5; F1(fake)=2/(2+2)=1/2, F1(real)=4/(4+2)=2/3
+    assert s["text"]["acc"] == pytest.approx(0.6)
+    assert s["text"]["f1"] == pytest.approx(7 / 12)
+    assert s["text"]["unparsed"] == 1
+    assert s["text"]["agrees_with_head"] == pytest.approx(2 / 5)  # rows 1 and 4
+    assert s["rouge_l"] == pytest.approx((0.5 + 0.1 + 0.1 + 0.5 + 0.5) / 5)
+    assert s["per_category"]["a"] == {"n": 2, "head_acc": 0.5, "text_acc": 0.5, "rouge_l": pytest.approx(0.3),
+                                      "css": 0.25}
+    assert s["per_category"]["b"]["head_acc"] == pytest.approx(2 / 3)
+    assert s["per_category"]["b"]["text_acc"] == pytest.approx(2 / 3)
+    flat = flat_metrics({"detection": s})
+    assert flat["test/head_acc"] == pytest.approx(0.6) and flat["test/text_f1"] == pytest.approx(7 / 12)
+    assert "test/head_auroc" in flat and "test/rouge_l" in flat
+
+
+def test_config_rejects_nonsense():
+    with pytest.raises(ValueError, match="batch_size"):
+        EvalConfig(batch_size=0)
+
+
+#####################################################################################################
+# end to end
+#####################################################################################################
+
+
+def _test_split_with_a_broken_file(corpus: Path) -> Path:  # noqa: F811
+    """The corpus' detection test records plus one whose image file is empty (it must be skipped and counted)."""
+    det = corpus / "detection"
+    records = json.loads((det / "test.json").read_text())
+    broken = dict(records[0], image="broken.png", id="broken")
+    (det / "broken.png").write_bytes(b"")
+    records = records[:5] + [broken] + records[5:]
+    path = det / "test_with_broken.json"  # next to the images: their paths are relative to the json's folder
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_unigendet_test_writes_the_protocol_report(corpus, inception_weights, tmp_path):  # noqa: F811
+    from data_modules import CoEvolutionDataModule
+    from unigendet.fidelity import fidelity_metrics
+    from unigendet.inference import UniGenDetPipeline
+
+    root = tmp_path / "run"
+    run(fit_command(corpus, root, "--trainer.max_steps=2"), tmp_path / "fit.log")
+    ckpt = root / "ckpt" / "last.ckpt"
+    assert ckpt.is_file()
+    test_json = _test_split_with_a_broken_file(corpus)
+    n_images, n_prompts, px, steps, max_new = 7, 4, 32, 2, 8
+    evaluation = [f"--model.evaluation.max_images={n_images}", f"--model.evaluation.max_new_tokens={max_new}",
+                  f"--model.evaluation.max_prompts={n_prompts}", f"--model.evaluation.gen_px={px}",
+                  f"--model.evaluation.gen_steps={steps}", "--model.evaluation.batch_size=3",
+                  f"--model.evaluation.inception_weights={inception_weights}",
+                  "--model.evaluation.kid_subset_size=2", f"--model.evaluation.out_dir={tmp_path / 'eval'}"]
+    cmd = fit_command(corpus, root, f"--data.test={test_json}", f"--data.gen.test={corpus / 't2i/test.jsonl'}",
+                      "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+                      f"--trainer.logger.save_dir={tmp_path / 'logs'}", *evaluation)
+    cmd[cmd.index("fit")] = "test"
+    cmd.append(f"--ckpt_path={ckpt}")
+    cmd = [a for a in cmd if not a.startswith("--trainer.logger=false")]
+    run(cmd, tmp_path / "test.log")
+
+    out = tmp_path / "eval"
+    results = json.loads((out / "results.json").read_text())
+    rows = [json.loads(line) for line in (out / "detections.jsonl").read_text().splitlines()]
+    report = (out / "report.md").read_text()
+
+    # --- detection: 7 records, the broken one skipped and counted, the other 6 delivered
+    det = results["detection"]
+    assert det["records"] == n_images and det["n"] == n_images - 1 and len(rows) == n_images - 1
+    assert sum(det["skipped"].values()) == 1
+
+    # an independent detection pass over the checkpoint's EMA weights, as the test data presents the images
+    pipe = UniGenDetPipeline.from_pretrained(ckpt)
+    dm = CoEvolutionDataModule(test=str(test_json), tokenizer=str(corpus / "tokenizer.json"), num_workers=0,
+                               gen={"test": str(corpus / "t2i/test.jsonl"), "image_column": "image",
+                                    "caption_column": "caption"})
+    dm.connect(pipe.cfg)
+    pipe.vit_tf, pipe.vae_tf = dm.vit_tf(), dm.vae_tf()
+    records = {r.id: r for r in dm.split_records("test")}
+    [broken] = [r.id for r in records.values() if r.image == "broken.png"]
+    assert broken not in [r["id"] for r in rows]
+    for row in rows:
+        rec = records[row["id"]]
+        [d] = pipe.detect([dm.record_image("test", rec)], prompt=rec.prompt, with_vae=True, max_new_tokens=max_new)
+        assert row["p_fake"] == pytest.approx(d.p_fake, abs=1e-5)
+        assert row["head"] == d.label and row["explanation"] == d.explanation
+        assert row["reference"] == rec.answer and row["label"] == ("fake", "real")[rec.label]
+        verdict = parse_label(d.explanation)
+        assert row["text"] == (None if verdict is None else ("fake", "real")[verdict])
+        assert row["rouge_l"] == pytest.approx(rouge_l(d.explanation, rec.answer), abs=1e-6)
+        assert row["css"] == pytest.approx(css(rec.answer, d.explanation), abs=1e-9)
+    head_acc = np.mean([r["head"] == r["label"] for r in rows])
+    assert det["head"]["acc"] == pytest.approx(head_acc)
+    assert det["rouge_l"] == pytest.approx(np.mean([r["rouge_l"] for r in rows]))
+
+    # --- generation: PNGs reproduce from their seeds, FID recomputes from the files
+    gen = results["generation"]
+    assert gen["n"] == n_prompts and gen["seeds"] == list(range(n_prompts))
+    from PIL import Image
+
+    pngs = sorted((out / "generated").glob("*.png"))
+    assert len(pngs) == n_prompts
+    saved = [Image.open(p).convert("RGB") for p in pngs]
+    again = pipe.generate(gen["prompts"][:2], height=px, width=px, steps=steps, seed=gen["seeds"][:2])
+    for a, b in zip(again, saved[:2], strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    t2i = dm.gen_dm
+    real = [t2i.record_image("test", r) for r in t2i.split_records("test")[:n_prompts]]
+    assert [r.prompt for r in t2i.split_records("test")[:n_prompts]] == gen["prompts"]
+    expected = fidelity_metrics(real, saved, inception_weights, kid_subset_size=2)
+    for key in ("fid", "kid_mean", "is_mean"):
+        assert gen["fidelity"][key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6)
+    p_fake = pipe.detect(saved, explain=False, with_vae=True)
+    assert gen["p_fake_mean"] == pytest.approx(np.mean([d.p_fake for d in p_fake]), abs=1e-5)
+
+    # --- the Markdown report and the logger
+    assert "| head |" in report and "| explanation |" in report and "| FID |" in report
+    assert f"{100 * det['head']['acc']:.1f}" in report
+    metrics_csv = next((tmp_path / "logs").rglob("metrics.csv")).read_text().splitlines()
+    header, values = metrics_csv[0].split(","), metrics_csv[-1].split(",")
+    logged = {k: float(v) for k, v in zip(header, values, strict=True) if v}
+    assert logged["test/head_acc"] == pytest.approx(det["head"]["acc"])
+    assert logged["test/fid"] == pytest.approx(gen["fidelity"]["fid"], rel=1e-5)
+    assert logged["test/rouge_l"] == pytest.approx(det["rouge_l"], rel=1e-5)
+    shutil.rmtree(root / "ckpt")
+
+
+def test_missing_inception_weights_are_reported_not_fatal(tmp_path):
+    from unigendet.evaluation import fidelity_or_reason
+
+    out = fidelity_or_reason([], [], EvalConfig(inception_weights=str(tmp_path / "absent.pth")))
+    assert "absent.pth" in out["not_computed"]
+    text = markdown({"settings": {"split": "test", "gen_steps": None, "cfg_scale": None, "seed": 0},
+                     "generation": {"n": 0, "px": 64, "skipped": {}, "fidelity": out}, "world_size": 1,
+                     "seconds": 0.0})
+    assert "not computed" in text and "absent.pth" in text
