@@ -104,6 +104,23 @@ def _test_split_with_a_broken_file(corpus: Path) -> Path:  # noqa: F811
     return path
 
 
+N_IMAGES, N_PROMPTS, PX, STEPS_GEN, MAX_NEW = 7, 4, 32, 2, 8
+
+
+def eval_command(corpus: Path, root: Path, ckpt: Path, out: Path, weights: Path, *extra: str,  # noqa: F811
+                 devices: int = 1) -> list[str]:
+    """``python -m unigendet test`` of a checkpoint on the test splits, with a small evaluation."""
+    test_json = _test_split_with_a_broken_file(corpus)
+    cmd = fit_command(corpus, root, f"--data.test={test_json}", f"--data.gen.test={corpus / 't2i/test.jsonl'}",
+                      f"--model.evaluation.max_images={N_IMAGES}", f"--model.evaluation.max_new_tokens={MAX_NEW}",
+                      f"--model.evaluation.max_prompts={N_PROMPTS}", f"--model.evaluation.gen_px={PX}",
+                      f"--model.evaluation.gen_steps={STEPS_GEN}", "--model.evaluation.batch_size=3",
+                      f"--model.evaluation.inception_weights={weights}", "--model.evaluation.kid_subset_size=2",
+                      f"--model.evaluation.out_dir={out}", *extra, devices=devices, workers=0)
+    cmd[cmd.index("fit")] = "test"
+    return [a for a in cmd if a != "--trainer.logger=false"] + [f"--ckpt_path={ckpt}"]
+
+
 def test_unigendet_test_writes_the_protocol_report(corpus, inception_weights, tmp_path):  # noqa: F811
     from data_modules import CoEvolutionDataModule
     from unigendet.fidelity import fidelity_metrics
@@ -114,18 +131,10 @@ def test_unigendet_test_writes_the_protocol_report(corpus, inception_weights, tm
     ckpt = root / "ckpt" / "last.ckpt"
     assert ckpt.is_file()
     test_json = _test_split_with_a_broken_file(corpus)
-    n_images, n_prompts, px, steps, max_new = 7, 4, 32, 2, 8
-    evaluation = [f"--model.evaluation.max_images={n_images}", f"--model.evaluation.max_new_tokens={max_new}",
-                  f"--model.evaluation.max_prompts={n_prompts}", f"--model.evaluation.gen_px={px}",
-                  f"--model.evaluation.gen_steps={steps}", "--model.evaluation.batch_size=3",
-                  f"--model.evaluation.inception_weights={inception_weights}",
-                  "--model.evaluation.kid_subset_size=2", f"--model.evaluation.out_dir={tmp_path / 'eval'}"]
-    cmd = fit_command(corpus, root, f"--data.test={test_json}", f"--data.gen.test={corpus / 't2i/test.jsonl'}",
-                      "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-                      f"--trainer.logger.save_dir={tmp_path / 'logs'}", *evaluation)
-    cmd[cmd.index("fit")] = "test"
-    cmd.append(f"--ckpt_path={ckpt}")
-    cmd = [a for a in cmd if not a.startswith("--trainer.logger=false")]
+    n_images, n_prompts, px, steps, max_new = N_IMAGES, N_PROMPTS, PX, STEPS_GEN, MAX_NEW
+    cmd = eval_command(corpus, root, ckpt, tmp_path / "eval", inception_weights,
+                       "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+                       f"--trainer.logger.save_dir={tmp_path / 'logs'}")
     run(cmd, tmp_path / "test.log")
 
     out = tmp_path / "eval"
@@ -192,6 +201,38 @@ def test_unigendet_test_writes_the_protocol_report(corpus, inception_weights, tm
     assert logged["test/fid"] == pytest.approx(gen["fidelity"]["fid"], rel=1e-5)
     assert logged["test/rouge_l"] == pytest.approx(det["rouge_l"], rel=1e-5)
     shutil.rmtree(root / "ckpt")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow  # three subprocess runs, ~95 s on 2 cores: `make test-all`
+def test_two_sharded_processes_split_the_evaluation_and_agree_with_one(corpus, inception_weights, tmp_path):  # noqa: F811
+    """Under FSDP2 each rank evaluates every other image with the full weights gathered (no collectives inside the
+    forwards, so ranks may decode different lengths); the gathered report equals a single process's."""
+    root = tmp_path / "run"
+    run(fit_command(corpus, root, "--trainer.max_steps=2", devices=2, workers=0), tmp_path / "fit.log")
+    ckpt = root / "ckpt" / "last.ckpt"
+    assert ckpt.is_dir()  # a sharded checkpoint
+    reports = {}
+    for devices in (1, 2):
+        extra = ("--trainer.strategy=fsdp2", "--model.fsdp.param_dtype=fp32") if devices == 1 else ()
+        proc = run(eval_command(corpus, root, ckpt, tmp_path / f"eval{devices}", inception_weights, *extra,
+                                devices=devices), tmp_path / f"test{devices}.log")
+        if devices == 2:
+            assert "GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stdout + proc.stderr
+        out = tmp_path / f"eval{devices}"
+        reports[devices] = (json.loads((out / "results.json").read_text()),
+                            [json.loads(line) for line in (out / "detections.jsonl").read_text().splitlines()])
+    (one, rows1), (two, rows2) = reports[1], reports[2]
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert [r["id"] for r in rows2] == [r["id"] for r in rows1] and len(rows1) == N_IMAGES - 1
+    assert two["detection"]["skipped"] == one["detection"]["skipped"]
+    for a, b in zip(rows1, rows2, strict=True):
+        assert b["p_fake"] == pytest.approx(a["p_fake"], abs=1e-5)
+        assert b["explanation"] == a["explanation"] and b["head"] == a["head"]
+    g1, g2 = one["generation"], two["generation"]
+    assert g2["prompts"] == g1["prompts"] and g2["seeds"] == g1["seeds"]
+    assert g2["p_fake_mean"] == pytest.approx(g1["p_fake_mean"], abs=1e-5)
+    assert g2["fidelity"]["fid"] == pytest.approx(g1["fidelity"]["fid"], rel=1e-3)
 
 
 def test_missing_inception_weights_are_reported_not_fatal(tmp_path):

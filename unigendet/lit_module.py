@@ -40,7 +40,7 @@ from unigendet.model.packing import PackedBatch, SamplePlan, TextSplit, VAESplit
 from unigendet.model.unigendet import UniGenDet
 from unigendet.optim import OptimConfig, build_optimizer, build_scheduler, partition
 from unigendet.resume import gather_per_rank, loader_states, rng_state, set_loader_states, set_rng_state, world
-from unigendet.sharding import FSDPConfig, shard, unsharded
+from unigendet.sharding import FSDPConfig, gathered, shard, unsharded
 
 log = logging.getLogger("unigendet.train")
 
@@ -566,7 +566,7 @@ class LitUniGenDet(L.LightningModule):
         self.log_dict({f"test/{k}": v for k, v in detection_metrics(self._val).items()}, sync_dist=True)
         try:
             if self.eval_cfg.detection or self.eval_cfg.generation:
-                self.log_dict(self.evaluate_protocol())
+                self.log_dict(self.evaluate_protocol(), rank_zero_only=True)  # the same values on every rank
         finally:
             self._leave_ema()
 
@@ -579,14 +579,14 @@ class LitUniGenDet(L.LightningModule):
         dm = self.trainer.datamodule
         was_training = self.model.training
         try:
-            with unsharded(self.model):
+            with gathered(self.model):  # ranks evaluate different images: no collectives inside forwards
                 engine = Engine(self.model, dm.tok)
                 results = run_protocol(engine, dm, self.eval_cfg,
                                        detect_images=lambda images: self.detect_images(images))
         finally:
             self.model.train(was_training)
+        root = self.trainer.log_dir or self.trainer.default_root_dir  # a broadcast: every rank must ask
         if self.trainer.is_global_zero:
-            root = self.trainer.log_dir or self.trainer.default_root_dir
             out = write_report(results, self.eval_cfg.out_dir or Path(root) / "eval")
             log.info("evaluation report: %s", out / "report.md")
             rows = results["_rows"]

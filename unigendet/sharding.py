@@ -67,7 +67,7 @@ def shard(model: nn.Module, mesh, cfg: FSDPConfig) -> nn.Module:
 def unsharded(model: nn.Module) -> Iterator[nn.Module]:
     """Gather the root unit's parameters for the ``with`` body (a no-op for an unsharded model): for code that
     calls the root's submodules directly. Layers and blocks gather themselves when called."""
-    if not is_sharded(model):
+    if not is_sharded(model) or getattr(model, "_gathered", False):  # inside ``gathered``: already whole
         yield model
         return
     # FSDP2 sets up its root state lazily in the root's first forward; a layer called first (generation before any
@@ -78,3 +78,31 @@ def unsharded(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         model.reshard()
+
+
+@contextmanager
+def gathered(model: nn.Module) -> Iterator[nn.Module]:
+    """Every unit's full parameters on every rank for the ``with`` body, kept after each forward: forwards then run
+    without collectives, so ranks may run different inputs and different numbers of forwards (data-parallel
+    evaluation). Costs the full model's memory per rank. A no-op for an unsharded model."""
+    if not is_sharded(model):
+        yield model
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    model._get_fsdp_state()._lazy_init()
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    reshards = []
+    for unit in units:
+        group = unit._get_fsdp_state()._fsdp_param_group
+        reshards.append(group is not None and group.post_forward_mesh_info is not None)
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    model._gathered = True
+    try:
+        yield model
+    finally:
+        model._gathered = False
+        for unit, reshard in zip(units, reshards, strict=True):
+            unit.reshard()
+            unit.set_reshard_after_forward(reshard, recurse=False)
