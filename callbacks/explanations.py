@@ -5,8 +5,8 @@ Features:
 * **A fixed panel**, so runs and steps are comparable: the first ``n_images`` records of the datamodule's
   detection ``val`` split, balanced (half fake, half real, in record order) when the split has enough of each label.
 * **Per image**: the true label, p(fake) from the real/fake head, the greedy KV-cached explanation
-  (:meth:`unigendet.inference.Engine.detect`), the reference answer, ROUGE-L F between the two (torchmetrics,
-  no nltk needed), the category and the image itself.
+  (:meth:`unigendet.inference.Engine.detect`), the reference answer, ROUGE-L F (stemmed) between the two (as
+  ``unigendet test`` scores it), the category and the image itself.
 * **When**: at the end of every validation (not the sanity check) with ``on_validation``, and/or after every
   ``every_n_steps`` training steps. The EMA weights are used when the module keeps them (as validation does),
   in eval mode and without gradients; the train/eval mode is restored afterwards.
@@ -95,10 +95,10 @@ class ForensicExplanations(Callback):
 
     def rouge_l(self, prediction: str, reference: str) -> float:
         if self._rouge is None:
-            from torchmetrics.text.rouge import ROUGEScore
+            from unigendet.text_metrics import RougeL
 
-            self._rouge = ROUGEScore(rouge_keys=("rougeL",))
-        return float(self._rouge(prediction, reference)["rougeL_fmeasure"])
+            self._rouge = RougeL()  # stemmed, as the evaluation protocol scores explanations
+        return self._rouge(prediction, reference)
 
     @torch.no_grad()
     def detect_panel(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[list]:

@@ -102,7 +102,7 @@ def evaluate(ckpt: Path, corpus: Path, out: Path, panel: int, seed: int) -> tupl
     explained = []
     for i in range(0, len(chosen), 8):
         explained += pipe.detect([images[j] for j in chosen[i: i + 8]], max_new_tokens=160)
-    rouge = ROUGEScore(rouge_keys=("rougeL",))
+    rouge = ROUGEScore(rouge_keys=("rougeL",), use_stemmer=True)  # F, stemmed: the protocol's ROUGE-L
     score = rouge([r.explanation for r in explained], [refs[j] for j in chosen])
     print("\n[demo] held-out explanations (generated | reference):", file=sys.stderr)
     for j, r in list(zip(chosen, explained, strict=True))[:4]:
