@@ -7,7 +7,7 @@
 Random weights of a preset (the numbers measure compute, not quality). One JSON line per configuration.
 
     python bench/inference.py --preset demo --sizes 64 128
-    python bench/inference.py --device cuda --preset debug --sizes 256 512
+    python bench/inference.py --device cuda --dtype bfloat16 --preset bagel-7b-mot --sizes 256 512 --steps 50
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ from unigendet.tokenizer import train_bpe
 CAPTION = "a close-up photo of a tabby cat sitting on a red wooden bench in a sunny park, warm afternoon light"
 
 
-def build(preset: str, device: str) -> Engine:
-    cfg = UniGenDetConfig.from_name(preset)
+def build(preset: str, device: str, layers: int | None = None, dtype: str = "float32") -> Engine:
+    overrides = {"mot": {"n_layers": layers}, "head": {"diga_layer": 1}} if layers else {}
+    cfg = UniGenDetConfig.from_name(preset, **overrides)
     torch.manual_seed(0)
-    model = UniGenDet(cfg).to(device)
+    model = UniGenDet(cfg).to(device, getattr(torch, dtype))
     model.init_weights()
     with torch.no_grad():  # non-zero heads so decoding does real work
         model.llm2vae.weight.normal_(std=0.02)
@@ -60,9 +61,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the preset's)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
-    eng = build(args.preset, args.device)
-    base = {"preset": args.preset, "device": args.device, "threads": torch.get_num_threads()}
+    eng = build(args.preset, args.device, args.layers, args.dtype)
+    base = {"preset": args.preset, "layers": eng.cfg.mot.n_layers, "device": args.device, "dtype": args.dtype,
+            "threads": torch.get_num_threads()}
     prompts = [CAPTION] * args.batch
     for size in args.sizes:
         for use_cache in (True, False):

@@ -133,7 +133,26 @@ def bench_fwd_bwd(args, cfg: UniGenDetConfig, ac: bool) -> dict:
         sync(args.device)
         if it >= args.warmup:
             times.append(time.perf_counter() - t0)
+    if args.profile:
+        profile_step(args, f"fwd_bwd_ac{int(ac)}", lambda: sum(reduce_losses(model(batch), batch).values()).backward())
     return result(args, cfg, "fwd_bwd", ac, batch.seq_len, len(batch.sample_lens), flops, times)
+
+
+def profile_step(args, name: str, step) -> None:
+    """One more step under torch.profiler: the top operators (by device time on CUDA) as a text table and a
+    Chrome trace in ``--profile``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = Path(args.profile)
+    out.mkdir(parents=True, exist_ok=True)
+    cuda = args.device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        step()
+        sync(args.device)
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    (out / f"{name}.txt").write_text(prof.key_averages().table(sort_by=key, row_limit=40))
+    prof.export_chrome_trace(str(out / f"{name}.json"))
 
 
 def bench_coevolution(args, cfg: UniGenDetConfig, ac: bool) -> dict:
@@ -221,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--backend", default="auto", help="attention: auto | sdpa | sdpa_dense | flex")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--profile", default=None, help="folder: also profile one fwd_bwd step (table + Chrome trace)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU (H200 bf16: 796)")
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
