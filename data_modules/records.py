@@ -161,6 +161,9 @@ def _iter_json_list(f) -> Iterator[tuple[int, Any]]:
         yield 0, _Malformed("JSON list ends early (truncated file?)")
         return
     if buf[pos] == "]":
+        pos += 1
+        if skip_ws():
+            yield 0, _Malformed(f"content after the JSON list's closing ']' ({buf[pos: pos + 16]!r}...) is not read")
         return
     index = 0
     while True:
@@ -183,6 +186,10 @@ def _iter_json_list(f) -> Iterator[tuple[int, Any]]:
             yield index, _Malformed("JSON list ends early (truncated file?); the rest is skipped")
             return
         if buf[pos] == "]":
+            pos += 1
+            if skip_ws():  # something after the list: a second list, JSON Lines pasted after it, ...
+                yield index, _Malformed(f"content after the JSON list's closing ']' ({buf[pos: pos + 16]!r}...) "
+                                        "is not read")
             return
         if buf[pos] != ",":
             yield index, _Malformed(f"expected ',' or ']' after element {index - 1}, got {buf[pos]!r}")

@@ -186,7 +186,7 @@ class PackedStream(IterableDataset):
             st["yielded"] = 0
         order = self.shard_order(st["epoch"], shard, n_shards)
         cache: dict[tuple[int, int], tuple[dict, int]] = {}  # the overflow sample, already planned
-        failures = 0  # consecutive records that could not be used; a whole shard of them is an error, not a hang
+        failed: set[int] = set()  # records skipped since the last usable one; all of the shard is an error, not a hang
 
         def next_candidate():
             """(epoch, index) of the next sample to place: first the overflow buffer, then the shard."""
@@ -214,10 +214,10 @@ class PackedStream(IterableDataset):
                 usable = cache.pop(key) if key in cache else self._usable(key)
                 if usable is None:  # skipped and counted
                     st["pending"].pop(0)
-                    failures = self._fail(failures, len(order), shard)
+                    self._fail(failed, key[1], len(order), shard)
                     continue
                 plans, n = usable
-                failures = 0
+                failed.clear()
                 if chosen and tokens + n > self.token_budget:
                     cache[key] = (plans, n)  # overflow: it opens the next pack
                     break
@@ -259,13 +259,14 @@ class PackedStream(IterableDataset):
             return None
         return plans, n
 
-    def _fail(self, failures: int, shard_size: int, shard: int) -> int:
-        failures += 1
-        if failures > shard_size:
+    def _fail(self, failed: set[int], index: int, shard_size: int, shard: int) -> None:
+        """Count record ``index`` as unusable; when every record of the shard has failed since the last usable
+        one, stop (distinct records: a streak may span a reshuffled record epoch and meet a record twice)."""
+        failed.add(index)
+        if len(failed) >= shard_size:
             raise RuntimeError(f"no usable sample in a whole pass over shard {shard} ({shard_size} records): every "
                                f"record was skipped ({dict(self.skips.counts)}, e.g. {dict(self.skips.examples)}); "
                                "check the image root and the token budget")
-        return failures
 
     def _record_id(self, key) -> str:
         record = self.records[key[1]]

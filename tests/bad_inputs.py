@@ -355,7 +355,7 @@ def build_bad_corpus(root: str | os.PathLike) -> Manifest:
     m.detect = {str(images / name): expect for name, (_, expect) in files.items()}
     m.detect[str(images / "link_out.png")] = DELIVER
     m.detect[str(images / "link_in.png")] = DELIVER
-    m.detect[str(images / "dangling.png")] = None  # the folder listing keeps is_file() entries only
+    m.detect[str(images / "dangling.png")] = "missing_file"  # a dangling symlink in a folder is reported too
     m.detect[str(images / "missing.png")] = "missing_file"  # named explicitly
 
     m.texts = [QUESTION, "This is a fake image. Edges repeat.", "This is a real image. Edges repeat."] + [

@@ -19,6 +19,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -209,6 +210,19 @@ def fresh_parameter_value(module: nn.Module, attr: str, out: Tensor, std: float 
         out.normal_(0.0, std)
 
 
+def safe_torch_load(path: str | Path) -> Any:
+    """``torch.load(weights_only=True)`` on the CPU; a file holding other pickled objects (which could run code) is
+    refused with a :class:`CheckpointError` naming it."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused: it holds pickled objects other than tensors and plain containers, "
+                              f"which are not loaded because they could run code ({first})") from e
+
+
 def load_lightning_checkpoint(path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
                               use_ema: bool = True) -> tuple[UniGenDet, LoadReport, str | None]:
     """A ``LitUniGenDet`` training checkpoint -> (network, report, tokenizer.json text or None): a ``.ckpt`` file,
@@ -221,10 +235,10 @@ def load_lightning_checkpoint(path: str | Path, *, device: str = "cpu", dtype: t
     if path.is_dir():
         if not (path / "meta.pt").is_file() or not (path / ".metadata").is_file():
             raise CheckpointError(f"{path} is a folder but not a complete distributed checkpoint (meta.pt, .metadata)")
-        ckpt = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+        ckpt = safe_torch_load(path / "meta.pt")
         tensors = _DistributedTensors(path)
     else:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = safe_torch_load(path)
         tensors = ckpt["state_dict"]
     extra = ckpt.get("unigendet")
     if extra is None:

@@ -9,7 +9,8 @@ file under the real name, and a killed writer leaves its temporary file in /tmp.
 onto the target and fsyncs the folder: a reader sees the old checkpoint or the new one, never a part. The
 partial file of a killed writer is overwritten by the next save. ``LitUniGenDet`` installs it on the trainer's
 strategy when the strategy uses the default IO (distributed checkpoints are handled by
-:class:`unigendet.strategy.FSDP2Strategy`).
+:class:`unigendet.strategy.FSDP2Strategy`). A failed write removes its partial file and says so; loading is
+``weights_only=True`` only.
 """
 
 from __future__ import annotations
@@ -31,15 +32,41 @@ def fsync_dir(folder: Path) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to ``path`` through ``.<name>.partial``. A failed write (disk full, quota, I/O error) removes
+    the partial file and raises an ``OSError`` that names the checkpoint and says the previous one is unchanged."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.parent / f".{path.name}.partial"
-    with open(partial, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(partial, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        partial.unlink(missing_ok=True)
+        errno = getattr(e, "errno", None) or _errno_in(e)
+        kept = "the previous checkpoint there is unchanged" if path.exists() else "no earlier checkpoint exists there"
+        raise OSError(errno, f"could not write checkpoint {path} ({e}); {kept}") from e
     os.replace(partial, path)
     fsync_dir(path.parent)
+
+
+def _errno_in(e: BaseException) -> int | None:
+    import errno
+
+    text = str(e)
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+        if os.strerror(code) in text or errno.errorcode[code] in text:
+            return code
+    return None
+
+
+def refuse_unsafe_load(weights_only: bool | None) -> bool:
+    """Checkpoints are loaded with ``weights_only=True`` only: a checkpoint from elsewhere must not run code."""
+    if weights_only is False:
+        raise ValueError("unigendet loads checkpoints with weights_only=True only (a pickled object in a checkpoint "
+                         "could run code); its own checkpoints need nothing else")
+    return True
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -49,3 +76,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):
             raise ValueError(f"{type(self).__name__} writes local paths only, got {path}")
         atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+        kwargs = {} if map_location is None else {"map_location": map_location}
+        return super().load_checkpoint(path, weights_only=refuse_unsafe_load(weights_only), **kwargs)

@@ -81,7 +81,9 @@ def _expand_images(inputs: list[str]) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            paths += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+            # a dangling symlink is kept: it is reported on its own line (missing_file), not dropped
+            paths += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES
+                            and (q.is_file() or (q.is_symlink() and not q.exists())))
         else:
             paths.append(p)  # a missing or bad file is reported on its own line
     return paths

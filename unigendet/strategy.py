@@ -27,7 +27,7 @@ from typing import Any
 
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from unigendet.ckpt_io import AtomicCheckpointIO, fsync_dir
+from unigendet.ckpt_io import AtomicCheckpointIO, fsync_dir, refuse_unsafe_load
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -64,6 +64,10 @@ class FSDP2Strategy(ModelParallelStrategy):
             fsync_dir(path.parent)
             shutil.rmtree(old, ignore_errors=True)
         self.barrier("unigendet_ckpt_done")
+
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        return super().load_checkpoint(checkpoint_path, weights_only=refuse_unsafe_load(weights_only))
 
 
 def register() -> None:
