@@ -20,7 +20,8 @@ Features:
   not restore loader state for a checkpoint taken at the end of a loader epoch);
 * ``__len__`` is the number of packs per loader epoch on this rank (each worker yields its share): Lightning skips
   its one-batch prefetch only for sized loaders, which is what keeps the saved state in step with training;
-* ``one_pass=True`` (evaluation): no shuffle, each record of the shard exactly once, the last pack flushed, then
+* ``one_pass=True`` (evaluation): no shuffle, each record of the shard exactly once, the last pack flushed (a worker
+  that found nothing usable yields one token-less batch carrying its skip counts), then
   the iterator ends (unsized).
 """
 
@@ -232,7 +233,7 @@ class PackedStream(IterableDataset):
 
     def _one_pass(self) -> Iterator:
         shard, n_shards, _ = self._shard()
-        chosen, keys, tokens = [], [], 0
+        chosen, keys, tokens, yielded = [], [], 0, 0
         for index in self.shard_order(0, shard, n_shards):
             key = (0, index)
             usable = self._usable(key)
@@ -241,12 +242,15 @@ class PackedStream(IterableDataset):
             plans, n = usable
             if chosen and tokens + n > self.token_budget:
                 yield self._collate(chosen, keys)
+                yielded += 1
                 chosen, keys, tokens = [], [], 0
             chosen.append(plans)
             keys.append(key)
             tokens += n
         if chosen:
             yield self._collate(chosen, keys)
+        elif not yielded and self.skips.counts:  # nothing usable here: one token-less batch carries the skip counts
+            yield self._collate([], [])
 
     def _usable(self, key: tuple[int, int]) -> tuple[dict, int] | None:
         """(plans, tokens) of a record, or None after counting why it cannot be used."""
@@ -273,8 +277,8 @@ class PackedStream(IterableDataset):
         return str(getattr(record, "id", key[1]))
 
     def _collate(self, chosen: list[dict], keys: list[tuple[int, int]]):
-        names = list(chosen[0])
-        batches = {name: pack([c[name] for c in chosen], self.cfg) for name in names}
+        names = list(chosen[0]) if chosen else [""]
+        batches = {name: pack([c[name] for c in chosen], self.cfg, allow_empty=True) for name in names}
         for b in batches.values():
             # records: (record epoch, record index) of each sample; skipped: this worker's running skip counts
             b.stats = {"skipped": dict(self.skips.counts), "samples": len(chosen), "records": list(keys),

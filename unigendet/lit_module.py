@@ -601,6 +601,8 @@ class LitUniGenDet(L.LightningModule):
         """Head-only detection over a loader's detection batches: one record per sample."""
         if isinstance(batch, dict):
             batch = batch["det"]
+        if not batch.det_labels.numel():  # a token-less batch carrying a loader worker's skip counts
+            return []
         out = self.model(batch)
         p_fake = torch.softmax(out["det_logits"].float(), -1)[:, 0].tolist()
         return [{"id": sid, "p_fake": p, "label": int(y)}

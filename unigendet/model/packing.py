@@ -140,10 +140,12 @@ class PackedBatch:
 #####################################################################################################
 
 
-def pack(plans: list[SamplePlan], cfg: UniGenDetConfig, generator: torch.Generator | None = None) -> PackedBatch:
+def pack(plans: list[SamplePlan], cfg: UniGenDetConfig, generator: torch.Generator | None = None, *,
+         allow_empty: bool = False) -> PackedBatch:
     """Pack sample plans into one sequence (METHOD.md section 2). Raw timesteps of noisy VAE splits that are not
-    given are drawn from N(0, 1) with ``generator``."""
-    if not plans:
+    given are drawn from N(0, 1) with ``generator``. ``allow_empty``: zero plans give a batch of no tokens (it
+    carries only ``stats``, e.g. the skips of a loader worker that found nothing usable)."""
+    if not plans and not allow_empty:
         raise ValueError("cannot pack an empty list of samples")
     tok = cfg.tokens
     vit_patch, vit_side = cfg.vit.patch_size, cfg.vit.max_patches_per_side
