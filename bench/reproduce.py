@@ -93,7 +93,8 @@ def common_args(corpus: Path, root: Path, steps: int, seed: int) -> list[str]:
     return [f"--config={trainer_cfg}", "--model.model=demo", *OPTIM,
             f"--model.optim.warmup_steps={max(1, steps // 15)}",  # demo.yaml: 20 of 300
             # the seed must reach the model (init, noise) and the data (order): seed_everything alone reaches neither
-            f"--seed_everything={seed}", f"--model.seed={seed}", f"--data.seed={seed}", f"--trainer.max_steps={steps}", "--trainer.accelerator=cpu",
+            f"--seed_everything={seed}", f"--model.seed={seed}", f"--data.seed={seed}",
+            f"--trainer.max_steps={steps}", "--trainer.accelerator=cpu",
             "--trainer.devices=1", "--trainer.logger=false", "--trainer.limit_val_batches=0",
             "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}",
             f"--data.train={det / 'train.json'}", f"--data.val={det / 'val.json'}",
