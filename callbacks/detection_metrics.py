@@ -28,6 +28,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
+from callbacks.wandb_only import find_wandb
+from unigendet.evaluation import head_scores
+
 log = logging.getLogger("unigendet.callbacks")
 
 CLASS_NAMES = ["fake", "real"]  # indexed by the dataset label: 0 = fake, 1 = real
@@ -43,14 +46,11 @@ def detection_summary(p_fake: torch.Tensor, label: torch.Tensor, cates: list[str
     ``confusion`` (2, 2) counts indexed [true, predicted] by dataset label, and, when ``cates`` is given,
     ``per_category``: ``{cate: {"n", "acc"[, "auroc"]}}`` for every category that is not None.
     """
-    from torchmetrics.functional.classification import binary_auroc, multiclass_f1_score
+    from torchmetrics.functional.classification import binary_auroc
 
     p = p_fake.float()
-    fake = (label == 0).long()
-    pred = (p >= 0.5).long()
-    out: dict = {"acc": float((pred == fake).float().mean()),
-                 "f1": float(multiclass_f1_score(pred, fake, num_classes=2, average="macro")),
-                 "auroc": float(binary_auroc(p, fake)) if fake.min() != fake.max() else float("nan")}
+    out: dict = head_scores(p, label)
+    fake, pred = (label == 0).long(), (p >= 0.5).long()
     predicted_label = 1 - pred  # back to the dataset's labels
     out["confusion"] = torch.bincount(label.long() * 2 + predicted_label, minlength=4).reshape(2, 2)
     if cates is not None:
@@ -89,9 +89,7 @@ class DetectionMetrics(Callback):
         self._n_before = 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._wandb = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
-        if self._wandb is None and trainer.is_global_zero:
-            log.info("DetectionMetrics: no WandbLogger configured, the callback is a no-op")
+        self._wandb = find_wandb(trainer, type(self).__name__)
 
     def _collecting(self, trainer: L.Trainer) -> bool:
         return self._wandb is not None and not trainer.sanity_checking

@@ -25,7 +25,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
-from unigendet.sharding import is_sharded, unsharded
+from callbacks.wandb_only import find_wandb, runs_here
+from unigendet.sharding import unsharded
 from unigendet.skips import SkipCounter
 
 log = logging.getLogger("unigendet.callbacks")
@@ -64,12 +65,10 @@ class ForensicExplanations(Callback):
 
     # ----------------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._wandb = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
-        if self._wandb is None and trainer.is_global_zero:
-            log.info("ForensicExplanations: no WandbLogger configured, the callback is a no-op")
+        self._wandb = find_wandb(trainer, type(self).__name__)
 
     def _active(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
-        return self._wandb is not None and (trainer.is_global_zero or is_sharded(pl_module.model))
+        return self._wandb is not None and runs_here(trainer, pl_module)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.on_validation and not trainer.sanity_checking and self._active(trainer, pl_module):

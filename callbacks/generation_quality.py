@@ -32,8 +32,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
+from callbacks.wandb_only import find_wandb, runs_here
 from unigendet.fidelity import ENV_VAR, fidelity_metrics, inception_weights
-from unigendet.sharding import is_sharded
 from unigendet.skips import SkipCounter
 
 log = logging.getLogger("unigendet.callbacks")
@@ -63,10 +63,8 @@ class GenerationQuality(Callback):
 
     # ----------------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._wandb = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+        self._wandb = find_wandb(trainer, type(self).__name__)
         if self._wandb is None:
-            if trainer.is_global_zero:
-                log.info("GenerationQuality: no WandbLogger configured, the callback is a no-op")
             return
         if self._weights is None and not self._disabled:
             self._resolve_weights(trainer)
@@ -85,8 +83,7 @@ class GenerationQuality(Callback):
             log.warning("GenerationQuality: %s", why)
 
     def _active(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
-        return (self._wandb is not None and not self._disabled
-                and (trainer.is_global_zero or is_sharded(pl_module.model)))
+        return self._wandb is not None and not self._disabled and runs_here(trainer, pl_module)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not self._active(trainer, pl_module):
