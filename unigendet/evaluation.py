@@ -97,6 +97,20 @@ def detect_rows(engine, items: list[tuple[int, Any, Any]], cfg: EvalConfig, with
     return rows
 
 
+def head_scores(p_fake: torch.Tensor, label: torch.Tensor) -> dict[str, float]:
+    """Accuracy, macro-F1 and AUROC of per-sample p(fake) (N,) against dataset labels (N,) (0 = fake, 1 = real):
+    fake is the positive class, predicted when p(fake) >= 0.5; AUROC is nan when only one label is present. The one
+    definition behind ``val/…``, ``test/…``, the DetectionMetrics callback and the evaluation report."""
+    from torchmetrics.functional.classification import binary_auroc, multiclass_f1_score
+
+    p = p_fake.float()
+    fake = (label == 0).long()
+    pred = (p >= 0.5).long()
+    return {"acc": float((pred == fake).float().mean()),
+            "f1": float(multiclass_f1_score(pred, fake, num_classes=2, average="macro")),
+            "auroc": float(binary_auroc(p, fake)) if fake.min() != fake.max() else float("nan")}
+
+
 def _scores(truth: list[str], pred: list[str | None]) -> dict[str, float]:
     """Accuracy and macro-F1 over {fake, real}; a None prediction is wrong (it becomes the other label)."""
     from torchmetrics.functional.classification import multiclass_f1_score
@@ -110,16 +124,11 @@ def _scores(truth: list[str], pred: list[str | None]) -> dict[str, float]:
 
 def summarize_detection(rows: list[dict]) -> dict[str, Any]:
     """Metrics of detection rows, overall and per category."""
-    from torchmetrics.functional.classification import binary_auroc
-
     if not rows:
         return {"n": 0}
     truth = [r["label"] for r in rows]
     out: dict[str, Any] = {"n": len(rows), "n_fake": truth.count("fake"), "n_real": truth.count("real")}
-    out["head"] = _scores(truth, [r["head"] for r in rows])
-    fake = torch.tensor([t == "fake" for t in truth]).long()
-    out["head"]["auroc"] = (float(binary_auroc(torch.tensor([r["p_fake"] for r in rows]), fake))
-                            if 0 < int(fake.sum()) < len(rows) else float("nan"))
+    out["head"] = head_scores(torch.tensor([r["p_fake"] for r in rows]), torch.tensor([LABELS.index(t) for t in truth]))
     if "text" in rows[0]:
         texts = [r["text"] for r in rows]
         out["text"] = {**_scores(truth, texts), "unparsed": sum(t is None for t in texts),

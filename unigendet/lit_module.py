@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from unigendet.ema import EMA
-from unigendet.evaluation import EvalConfig
+from unigendet.evaluation import EvalConfig, head_scores
 from unigendet.model.config import UniGenDetConfig
 from unigendet.model.packing import PackedBatch, SamplePlan, TextSplit, VAESplit, ViTSplit, pack
 from unigendet.model.unigendet import UniGenDet
@@ -663,14 +663,7 @@ def detection_metrics(val: dict[str, list]) -> dict[str, float]:
     """Accuracy, macro-F1 and AUROC of the head (fake = positive), CE and flow loss, from collected tensors."""
     out: dict[str, float] = {}
     if val.get("p_fake"):
-        from torchmetrics.functional.classification import binary_auroc, multiclass_f1_score
-
-        p = torch.cat(val["p_fake"])
-        fake = (torch.cat(val["label"]) == 0).long()
-        pred = (p >= 0.5).long()
-        out["acc"] = float((pred == fake).float().mean())
-        out["f1"] = float(multiclass_f1_score(pred, fake, num_classes=2, average="macro"))
-        out["auroc"] = float(binary_auroc(p, fake)) if fake.min() != fake.max() else float("nan")
+        out.update(head_scores(torch.cat(val["p_fake"]), torch.cat(val["label"])))
         out["loss_ce"] = float(torch.cat(val["ce"]).mean())
     if val.get("mse"):
         out["loss_mse"] = float(torch.cat(val["mse"]).mean())
