@@ -194,6 +194,14 @@ def _images(dm, split: str, records: list, skips: SkipCounter) -> list[tuple[int
     return out
 
 
+def _summed(gathered: list[tuple[Any, dict[str, int]]]) -> dict[str, int]:
+    """The skip counts of every rank, added up by reason."""
+    total = SkipCounter()
+    for _, counts in gathered:
+        total.counts.update(counts)
+    return dict(total.counts)
+
+
 def run_protocol(engine, dm, cfg: EvalConfig, *, detect_images=None) -> dict[str, Any]:
     """Evaluate the engine's model on ``dm``'s ``cfg.split``. ``detect_images(images) -> p_fake`` (head only, as
     the detection data presents images) scores the generated images; None: the engine's own detect."""
@@ -209,11 +217,7 @@ def run_protocol(engine, dm, cfg: EvalConfig, *, detect_images=None) -> dict[str
         mine = detect_rows(engine, items, cfg, dm.with_vae)
         gathered = gather_per_rank((mine, dict(skips.counts)))
         rows = sorted((r for part, _ in gathered for r in part), key=lambda r: r["index"])
-        skipped: dict[str, int] = {}
-        for _, counts in gathered:
-            for k, v in counts.items():
-                skipped[k] = skipped.get(k, 0) + v
-        results["detection"] = {**summarize_detection(rows), "records": len(records), "skipped": skipped,
+        results["detection"] = {**summarize_detection(rows), "records": len(records), "skipped": _summed(gathered),
                                 "with_vae": dm.with_vae}
     elif cfg.detection:
         results["detection"] = {"not_run": f"no detection {cfg.split} split in {type(dm).__name__}"}
@@ -232,12 +236,9 @@ def run_protocol(engine, dm, cfg: EvalConfig, *, detect_images=None) -> dict[str
             mine += [(index, rec.prompt, real, fake) for (index, rec, real), fake in zip(chunk, images, strict=True)]
         gathered = gather_per_rank((mine, dict(skips.counts)))
         pairs = sorted((p for part, _ in gathered for p in part), key=lambda p: p[0])
-        skipped = {}
-        for _, counts in gathered:
-            for k, v in counts.items():
-                skipped[k] = skipped.get(k, 0) + v
         fake_images = [p[3] for p in pairs]
-        gen: dict[str, Any] = {"n": len(pairs), "records": len(records), "skipped": skipped, "px": cfg.gen_px}
+        gen: dict[str, Any] = {"n": len(pairs), "records": len(records), "skipped": _summed(gathered),
+                               "px": cfg.gen_px}
         if pairs and hasattr(dm, "with_vae"):
             p_fake = (detect_images(fake_images) if detect_images is not None else
                       torch.tensor([d.p_fake for d in engine.detect(fake_images, explain=False,
