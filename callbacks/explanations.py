@@ -22,10 +22,8 @@ import logging
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import WandbLogger
 
-from callbacks.wandb_only import find_wandb, runs_here
+from callbacks.wandb_only import PeriodicWandbCallback
 from unigendet.sharding import unsharded
 from unigendet.skips import SkipCounter
 
@@ -49,7 +47,7 @@ def choose_panel(records, n: int) -> list:
     return [records[i] for i in sorted(chosen)]
 
 
-class ForensicExplanations(Callback):
+class ForensicExplanations(PeriodicWandbCallback):
     def __init__(self, every_n_steps: int | None = None, on_validation: bool = True, n_images: int = 8,
                  max_new_tokens: int = 64, key: str = "val/explanations") -> None:
         if every_n_steps is not None and every_n_steps < 1:
@@ -58,28 +56,11 @@ class ForensicExplanations(Callback):
             raise ValueError(f"n_images must be >= 1, got {n_images}")
         self.every_n_steps, self.on_validation = every_n_steps, on_validation
         self.n_images, self.max_new_tokens, self.key = n_images, max_new_tokens, key
-        self._wandb: WandbLogger | None = None
         self._panel: list | None = None  # records
         self._images: list | None = None  # PIL images, decoded once
         self._rouge = None
 
     # ----------------------------------------------------------------------------------------------
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._wandb = find_wandb(trainer, type(self).__name__)
-
-    def _active(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
-        return self._wandb is not None and runs_here(trainer, pl_module)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.on_validation and not trainer.sanity_checking and self._active(trainer, pl_module):
-            self.log_panel(trainer, pl_module)
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
-                           batch_idx: int) -> None:
-        n = self.every_n_steps
-        if n and trainer.global_step % n == 0 and self._active(trainer, pl_module):
-            self.log_panel(trainer, pl_module)
-
     # ----------------------------------------------------------------------------------------------
     def _load_panel(self, dm) -> None:
         if not hasattr(dm, "with_vae"):  # the detection side: DetectionDataModule / CoEvolutionDataModule itself
@@ -129,6 +110,9 @@ class ForensicExplanations(Callback):
                          LABELS[rec.label], det.p_fake, det.label, det.explanation, rec.answer,
                          self.rouge_l(det.explanation, rec.answer)])
         return rows
+
+    def log_now(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.log_panel(trainer, pl_module)
 
     def log_panel(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         rows = self.detect_panel(trainer, pl_module)

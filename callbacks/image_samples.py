@@ -28,10 +28,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import WandbLogger
 
-from callbacks.wandb_only import find_wandb, runs_here
+from callbacks.wandb_only import PeriodicWandbCallback
 
 log = logging.getLogger("unigendet.callbacks")
 
@@ -55,7 +53,7 @@ def first_captions(dm, n: int) -> list[str]:
     return [rec.prompt for rec in t2i.split_records(split)[:n]]
 
 
-class ImageSamples(Callback):
+class ImageSamples(PeriodicWandbCallback):
     def __init__(self, prompts: list[str] | None = None, n_prompts: int = 8, px: int = 64, steps: int = 25,
                  cfg_scale: float | None = None, seed: int = 0, every_n_steps: int = 0, on_validation: bool = True,
                  use_ema: bool = True, n_cols: int = 8, key: str = "samples", save_dir: str | None = None) -> None:
@@ -69,27 +67,10 @@ class ImageSamples(Callback):
         self.n_prompts, self.px, self.steps, self.cfg_scale, self.seed = n_prompts, px, steps, cfg_scale, seed
         self.every_n_steps, self.on_validation, self.use_ema = every_n_steps, on_validation, use_ema
         self.n_cols, self.key, self.save_dir = n_cols, key, save_dir
-        self._wandb: WandbLogger | None = None
         self._last_step: int | None = None
         self._warned_no_detector = False
 
     # ----------------------------------------------------------------------------------------------
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._wandb = find_wandb(trainer, type(self).__name__)
-
-    def _active(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
-        return self._wandb is not None and runs_here(trainer, pl_module)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.on_validation and not trainer.sanity_checking and self._active(trainer, pl_module):
-            self.log_samples(trainer, pl_module)
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
-                           batch_idx: int) -> None:
-        n = self.every_n_steps
-        if n and trainer.global_step % n == 0 and self._active(trainer, pl_module):
-            self.log_samples(trainer, pl_module)
-
     # ----------------------------------------------------------------------------------------------
     def sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[list[str], list, torch.Tensor | None]:
         """(prompts, PIL images, p(fake) of each image or None without a detection side) for the current weights."""
@@ -104,6 +85,9 @@ class ImageSamples(Callback):
             self._warned_no_detector = True
             return self.prompts, images, None
         return self.prompts, images, pl_module.detect_images(images, use_ema=self.use_ema)
+
+    def log_now(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.log_samples(trainer, pl_module)
 
     def log_samples(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step
