@@ -40,14 +40,31 @@ def iter_records(path: Path):
             raise ValueError(f"{path}: unknown chunk type {kind} at byte {pos}")
 
 
-def records(path: Path):
-    """The ``wandb_internal_pb2.Record`` objects of a run's transaction log, in order."""
+def records(path: Path, timeout: float = 60.0):
+    """The ``wandb_internal_pb2.Record`` objects of a run's transaction log, in order, once the log is complete:
+    ``wandb.finish()`` can return before the W&B service has written the run's last records (under load a test
+    then missed the final history row), so this waits until the closing ``exit`` record is there (at most
+    ``timeout`` seconds, then returns what there is)."""
+    import time
+
     from wandb.proto import wandb_internal_pb2
 
-    for data in iter_records(path):
-        rec = wandb_internal_pb2.Record()
-        rec.ParseFromString(data)
-        yield rec
+    deadline = time.monotonic() + timeout
+    while True:
+        recs, complete = [], False
+        try:
+            for data in iter_records(path):
+                rec = wandb_internal_pb2.Record()
+                rec.ParseFromString(data)
+                recs.append(rec)
+            complete = any(r.WhichOneof("record_type") == "exit" for r in recs)
+        except Exception:  # a record still being written
+            if time.monotonic() > deadline:
+                raise
+        if complete or time.monotonic() > deadline:
+            yield from recs
+            return
+        time.sleep(0.2)
 
 
 def read_run(path: Path) -> tuple[dict, list[dict]]:
