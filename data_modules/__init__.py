@@ -9,6 +9,7 @@ _EXPORTS = {
     "DetectionDataModule": "data_modules.detection",
     "T2IDataModule": "data_modules.t2i",
     "CoEvolutionDataModule": "data_modules.coevolution",
+    "GenStream": "data_modules.coevolution",
     "PackedStream": "data_modules.stream",
     "SkipCounter": "unigendet.skips",
 }

@@ -42,8 +42,9 @@ class StreamDataModule(L.LightningDataModule):
     """Validation split; evaluated in one pass, in file order."""
     test: str | None = None
     """Test split; evaluated in one pass, in file order."""
-    tokenizer: str = "tokenizer.json"
-    """``tokenizer.json`` (or a folder holding it) whose special tokens match the model's."""
+    tokenizer: str | None = None
+    """``tokenizer.json`` (or a folder holding it) whose special tokens match the model's; None: the model folder's
+    (``model.init_from``), as ``connect`` is given it."""
     token_budget: int = 4096
     """Tokens per packed batch."""
     max_sample_tokens: int | None = None
@@ -74,8 +75,14 @@ class StreamDataModule(L.LightningDataModule):
         self._pending_progress = None
 
     # ----------------------------------------------------------------------------------------------
-    def connect(self, cfg: UniGenDetConfig) -> StreamDataModule:
-        tok = Tokenizer(self.tokenizer)
+    def connect(self, cfg: UniGenDetConfig, tokenizer: str | None = None) -> StreamDataModule:
+        """Fix what only the model knows. ``tokenizer``: the model's own (its folder), used when ``self.tokenizer``
+        is unset."""
+        path = self.tokenizer or tokenizer
+        if path is None:
+            raise ValueError(f"{type(self).__name__}: set data.tokenizer (a tokenizer.json or a folder holding one), "
+                             "or start from a model folder that holds one (model.init_from)")
+        tok = Tokenizer(path)
         tok.check_config(cfg)
         self.cfg, self.tok = cfg, tok
         return self

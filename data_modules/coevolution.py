@@ -8,6 +8,7 @@ and restored together. Validation yields the two held-out sets as two loaders (d
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ from torch.utils.data import IterableDataset
 
 from data_modules.detection import DetectionDataModule
 from data_modules.stream import PackedStream
+from data_modules.t2i import T2IDataModule, T2IFields
 from unigendet.model.config import UniGenDetConfig
 
 
@@ -64,27 +66,67 @@ class ZipStream(IterableDataset):
             s.load_state_dict(state[name])
 
 
+@dataclass
+class _GenSplits:
+    train: str | None = None
+    """Training split: metadata JSON/JSONL of {"image_path", "prompt"}, a Parquet file, or a folder of shards."""
+    val: str | None = None
+    """Held-out split (validation flow loss, image samples, FID during training)."""
+    test: str | None = None
+    """Test split (``unigendet test``: FID / KID / IS against its real images)."""
+    token_budget: int = 4096
+    """Tokens per packed generation batch."""
+    max_sample_tokens: int | None = None
+    """Samples longer than this are skipped and counted (default: the budget)."""
+
+
+@dataclass
+class GenStream(T2IFields, _GenSplits):
+    """The generation stream of :class:`CoEvolutionDataModule` (``data.gen`` in a config): its splits and budget, the
+    text-to-image fields of :class:`~data_modules.t2i.T2IDataModule`, and optional settings that otherwise follow the
+    detection side. A typed dataclass, so stacked configs merge it key by key and command-line values keep their
+    types (``--data.gen.token_budget=400`` is an int)."""
+
+    tokenizer: str | None = None
+    """Default: the detection side's tokenizer."""
+    num_workers: int | None = None
+    """Default: the detection side's."""
+    vit_min_side: int | None = None
+    """Image side bounds (default: the detection side's): ``vit_*`` for the DIGA teacher's view, ``vae_*`` for the
+    generation targets."""
+    vit_max_side: int | None = None
+    vae_min_side: int | None = None
+    vae_max_side: int | None = None
+
+
+#: GenStream fields that follow the detection side when left unset
+FOLLOW_DETECTION = ("tokenizer", "num_workers", "vit_min_side", "vit_max_side", "vae_min_side", "vae_max_side")
+
+
 @dataclass(eq=False, repr=False)
 class CoEvolutionDataModule(DetectionDataModule):
     """The detection fields of :class:`DetectionDataModule`, plus ``gen`` for the generation stream."""
 
-    gen: dict = field(default_factory=dict)
-    """T2IDataModule arguments for the generation stream (train/val/test paths, token_budget, caption_dropout,
-    teacher, ...); tokenizer, seed, num_workers and sizes are shared with the detection side unless given."""
+    gen: GenStream = field(default_factory=GenStream)
+    """The generation stream (:class:`GenStream`); a plain dict of its fields is accepted from Python."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from data_modules.t2i import T2IDataModule
+        if isinstance(self.gen, dict):
+            known = [f.name for f in dataclasses.fields(GenStream)]
+            unknown = sorted(set(self.gen) - set(known))
+            if unknown:
+                raise ValueError(f"unknown generation-stream settings {unknown}; known: {known}")
+            self.gen = GenStream(**self.gen)
+        settings = dataclasses.asdict(self.gen)
+        for name in FOLLOW_DETECTION:
+            if settings[name] is None:
+                settings[name] = getattr(self, name)
+        self.gen_dm = T2IDataModule(**settings, seed=self.seed + 1, replicate_across_ranks=self.replicate_across_ranks)
 
-        shared = {"tokenizer": self.tokenizer, "seed": self.seed + 1, "num_workers": self.num_workers,
-                  "vit_min_side": self.vit_min_side, "vit_max_side": self.vit_max_side,
-                  "vae_min_side": self.vae_min_side, "vae_max_side": self.vae_max_side,
-                  "replicate_across_ranks": self.replicate_across_ranks}
-        self.gen_dm = T2IDataModule(**{**shared, **_typed(T2IDataModule, self.gen)})
-
-    def connect(self, cfg: UniGenDetConfig):
-        super().connect(cfg)
-        self.gen_dm.connect(cfg)
+    def connect(self, cfg: UniGenDetConfig, tokenizer: str | None = None):
+        super().connect(cfg, tokenizer)
+        self.gen_dm.connect(cfg, str(self.tok.path))
         return self
 
     def setup(self, stage: str | None = None) -> None:
@@ -102,24 +144,3 @@ class CoEvolutionDataModule(DetectionDataModule):
         if self.gen_dm.val is not None:
             loaders.append(self.gen_dm.val_dataloader())
         return loaders
-
-
-def _typed(cls, values: dict) -> dict:
-    """Dotted command-line overrides of a dict field arrive as strings (``--data.gen.token_budget=400``): parse
-    them as YAML scalars for the fields of ``cls`` that are not plain strings; unknown keys are an error."""
-    import dataclasses
-    import typing
-
-    import yaml
-
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"unknown generation-stream options {sorted(unknown)}; known: {sorted(known)}")
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, str) and hints.get(key) not in (str, str | None):
-            value = yaml.safe_load(value)
-        out[key] = value
-    return out

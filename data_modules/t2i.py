@@ -11,10 +11,10 @@ from unigendet.images import open_image
 from unigendet.skips import SkipCounter
 
 
-@dataclass(eq=False, repr=False)
-class T2IDataModule(StreamDataModule):
-    """``train`` / ``val`` / ``test``: metadata JSON/JSONL of {"image_path", "prompt"}, a Parquet file, or a folder
-    of Parquet shards."""
+@dataclass
+class T2IFields:
+    """The text-to-image settings, shared by :class:`T2IDataModule` and the generation stream of the co-evolution
+    data module (:class:`GenStream`)."""
 
     image_column: str = "image"
     """Parquet column holding the image bytes (LAION: ``jpg`` or ``image``)."""
@@ -26,6 +26,12 @@ class T2IDataModule(StreamDataModule):
     teacher: bool = False
     """Also yield the DIGA teacher's detection-style plan of each real image (batches become {"gen", "teacher"})."""
     teacher_prompt: str = DEFAULT_TEACHER_PROMPT
+
+
+@dataclass(eq=False, repr=False)
+class T2IDataModule(T2IFields, StreamDataModule):
+    """``train`` / ``val`` / ``test``: metadata JSON/JSONL of {"image_path", "prompt"}, a Parquet file, or a folder
+    of Parquet shards."""
 
     def records(self, split: str):
         path = self._path(split)

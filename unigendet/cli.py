@@ -216,16 +216,9 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def lightning_main(argv: list[str]) -> int:
-    """LightningCLI: the model class is fixed, the DataModule is any subclass (``data: {class_path: ...}``)."""
-    import lightning as L
-    from lightning.pytorch.cli import LightningCLI
+    from unigendet.lightning_cli import lightning_main as run
 
-    import unigendet.strategy  # noqa: F401  (registers strategy="fsdp2")
-    from unigendet.lit_module import LitUniGenDet
-
-    LightningCLI(LitUniGenDet, L.LightningDataModule, subclass_mode_data=True, args=argv,
-                 save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
-    return 0
+    return run(argv)
 
 
 # commands with their own argument parsers (they live in data_modules, which may import unigendet, not vice versa
@@ -295,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from unigendet import noise
+
+    noise.install()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in DELEGATED:
         return DELEGATED[argv[0]](argv[1:])

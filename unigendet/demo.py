@@ -40,19 +40,14 @@ def build_corpus(out: Path, seed: int, small: bool = False) -> Path:
 
 
 def train(out: Path, corpus: Path, config: Path, extra: list[str]) -> tuple[Path, float, str | None]:
-    import lightning as L
-    from lightning.pytorch.cli import LightningCLI
-
-    from unigendet.lit_module import LitUniGenDet
+    from unigendet.lightning_cli import UniGenDetCLI
 
     os.environ.setdefault("WANDB_MODE", "offline")
-    os.environ.setdefault("WANDB_SILENT", "true")
     args = [f"--config={config}", f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
             f"--data.train={corpus}/detection/train.json", f"--data.val={corpus}/detection/val.json",
             f"--data.tokenizer={corpus}/tokenizer.json", f"--data.gen.train={corpus}/t2i/train.jsonl",
             f"--data.gen.val={corpus}/t2i/val.jsonl", *extra]
-    cli = LightningCLI(LitUniGenDet, L.LightningDataModule, subclass_mode_data=True, args=args, run=False,
-                       auto_configure_optimizers=False, save_config_kwargs={"overwrite": True})
+    cli = UniGenDetCLI(args=args, run=False)
     t0 = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     seconds = time.perf_counter() - t0

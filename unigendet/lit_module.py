@@ -35,7 +35,7 @@ from torch import Tensor
 
 from unigendet.ema import EMA
 from unigendet.evaluation import EvalConfig, head_scores
-from unigendet.model.config import UniGenDetConfig
+from unigendet.model.config import ModelOverrides, PresetOrFolder, UniGenDetConfig
 from unigendet.model.packing import PackedBatch, SamplePlan, TextSplit, VAESplit, ViTSplit, pack
 from unigendet.model.unigendet import UniGenDet
 from unigendet.optim import OptimConfig, build_optimizer, build_scheduler, partition
@@ -43,6 +43,13 @@ from unigendet.resume import gather_per_rank, loader_states, rng_state, set_load
 from unigendet.sharding import FSDPConfig, gathered, shard, unsharded
 
 log = logging.getLogger("unigendet.train")
+
+try:  # as a command-line type, a preset-name typo fails while LightningCLI parses the config
+    from jsonargparse.typing import register_type
+except ImportError:  # pragma: no cover - jsonargparse comes with lightning's CLI extra
+    pass
+else:
+    register_type(PresetOrFolder, serializer=str, deserializer=PresetOrFolder)
 
 #####################################################################################################
 # Configuration
@@ -108,7 +115,8 @@ class Schedule:
 
 
 class LitUniGenDet(L.LightningModule):
-    def __init__(self, model: str = "tiny", model_overrides: dict | None = None, init_from: str | None = None,
+    def __init__(self, model: PresetOrFolder | None = None, model_overrides: ModelOverrides | None = None,
+                 init_from: str | None = None,
                  loss: LossWeights | None = None, schedule: Schedule | None = None, optim: OptimConfig | None = None,
                  freeze: list[str] | None = None, ema_decay: float | None = 0.999, attn_backend: str = "auto",
                  seed: int = 0, val_samples: int = 0, val_sample_px: int = 64, val_sample_steps: int = 10,
@@ -116,8 +124,10 @@ class LitUniGenDet(L.LightningModule):
                  evaluation: EvalConfig | None = None) -> None:
         """
         Args:
-            model: a preset name (``tiny``, ``demo``, ``debug``, ``bagel-7b-mot``) or a BAGEL / UniGenDet folder.
-            model_overrides: config overrides for a preset, e.g. ``{"mot": {"n_layers": 4}}``.
+            model: a preset name (``tiny``, ``demo``, ``debug``, ``bagel-7b-mot``) or a BAGEL / UniGenDet folder;
+                None: the architecture of the ``init_from`` folder (fine-tuning BAGEL needs only ``init_from``).
+            model_overrides: config overrides for a preset (:class:`unigendet.model.config.ModelOverrides`, or its
+                nested dict from Python), e.g. ``{"mot": {"n_layers": 4}}``.
             init_from: weights to start from: a BAGEL / UniGenDet folder (random init when None).
             freeze: top-level parts to freeze (``vit``, ``embed``, ...); the VAE is always frozen.
             ema_decay: EMA of the weights (None: off).
@@ -139,7 +149,15 @@ class LitUniGenDet(L.LightningModule):
         self.optim_cfg = optim or OptimConfig()
         self.fsdp_cfg = fsdp or FSDPConfig()
         self.eval_cfg = evaluation or EvalConfig()
-        self.save_hyperparameters({"model": model, "model_overrides": model_overrides or {}, "init_from": init_from,
+        if model is None and not init_from:
+            raise ValueError("set model.model (a preset: tiny, demo, debug, bagel-7b-mot) or model.init_from "
+                             "(a BAGEL / UniGenDet model folder, whose architecture is then used)")
+        model = None if model is None else str(PresetOrFolder(model))
+        source = model if model is not None else str(PresetOrFolder(init_from))
+        if not isinstance(model_overrides, ModelOverrides):
+            model_overrides = ModelOverrides.from_dict(model_overrides)
+        overrides = model_overrides.to_dict()
+        self.save_hyperparameters({"model": model, "model_overrides": overrides, "init_from": init_from,
                                    "loss": dataclasses.asdict(self.loss_w), "schedule": dataclasses.asdict(self.sched),
                                    "optim": dataclasses.asdict(self.optim_cfg), "freeze": list(freeze or []),
                                    "ema_decay": ema_decay, "attn_backend": attn_backend, "seed": seed,
@@ -149,10 +167,10 @@ class LitUniGenDet(L.LightningModule):
         # ``evaluation`` is deliberately not a hyperparameter: LightningCLI's ``test --ckpt_path`` applies the
         # checkpoint's hyperparameters OVER the command line, which would silently replace the evaluation settings
         # given for this test run with the defaults the training run saved
-        if Path(model).is_dir():
-            self.cfg = UniGenDetConfig.from_bagel_dir(model)
+        if Path(source).is_dir():
+            self.cfg = UniGenDetConfig.from_bagel_dir(source).with_overrides(overrides)
         else:
-            self.cfg = UniGenDetConfig.from_name(model, **(model_overrides or {}))
+            self.cfg = UniGenDetConfig.from_name(source, **overrides)
         self.model: UniGenDet | None = None
         # the "frozen" teacher sits in a list, out of the module tree and the checkpoints: it is rebuilt from the
         # initial weights by configure_model; a "snapshot" teacher is the submodule ``teacher_net`` (checkpointed)
@@ -656,7 +674,7 @@ class LitUniGenDet(L.LightningModule):
         self.configure_model()
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "connect") and getattr(dm, "cfg", None) is None:
-            dm.connect(self.cfg)
+            dm.connect(self.cfg, self.hparams.init_from)
 
 
 def detection_metrics(val: dict[str, list]) -> dict[str, float]:

@@ -220,6 +220,9 @@ def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], lr: float,
 #####################################################################################################
 
 
+_WARNED: set[tuple[int, int]] = set()
+
+
 def effective_warmup(warmup_steps: int, total_steps: int) -> int:
     """The warm-up actually used: ``warmup_steps``, capped at ``total_steps // 2`` with a warning.
 
@@ -232,6 +235,9 @@ def effective_warmup(warmup_steps: int, total_steps: int) -> int:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
     cap = total_steps // 2
     if warmup_steps > cap:
+        if (warmup_steps, total_steps) in _WARNED:  # the two optimisers share the setting: say it once
+            return cap
+        _WARNED.add((warmup_steps, total_steps))
         log.warning("warmup_steps=%d exceeds half of the %d-step run; warming up for %d steps instead",
                     warmup_steps, total_steps, cap)
         return cap

@@ -9,6 +9,9 @@ One dataclass per component, composed into :class:`UniGenDetConfig`:
 * :class:`DetHeadConfig`- the real/fake head and the DIGA projector
 * :class:`TokenConfig`  - the ids of the four special tokens (read from the tokenizer when there is one)
 
+:class:`ModelOverrides` is the typed form of preset overrides (every field optional, derived from the classes above):
+what ``model_overrides`` in a training config holds, so stacked YAML files merge it key by key.
+
 Derived fields are computed and validated in ``__post_init__`` so that a bad config fails at construction.
 This module never imports torch: configs stay serialisable and cheap to build.
 """
@@ -17,9 +20,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 #####################################################################################################
 # Components
@@ -252,6 +256,12 @@ class UniGenDetConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def with_overrides(self, overrides: dict[str, Any] | None) -> UniGenDetConfig:
+        """A copy with nested (or flat, as in :meth:`from_name`) overrides applied, validated again."""
+        if not overrides:
+            return self
+        return type(self).from_dict(_merge(self.to_dict(), _nest(dict(overrides))))
+
     @classmethod
     def from_bagel_dir(cls, path: str | Path) -> UniGenDetConfig:
         """Read a BAGEL model folder's json files (llm_config, vit_config, optional bagel/vae configs, tokenizer)."""
@@ -297,3 +307,92 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
         else:
             base[key] = value
     return base
+
+
+class PresetOrFolder(str):
+    """A preset name or a BAGEL / UniGenDet model folder; anything else fails at once, naming the presets. As a
+    command-line type (registered by ``unigendet.cli``) a typo fails while the config is parsed."""
+
+    def __new__(cls, value: str) -> PresetOrFolder:
+        from unigendet.model.presets import PRESETS
+
+        value = str(value)
+        if value not in PRESETS and not Path(value).expanduser().is_dir():
+            raise ValueError(f"unknown preset {value!r} (and no such model folder); presets: "
+                             f"{', '.join(sorted(PRESETS))}")
+        return super().__new__(cls, value)
+
+
+#####################################################################################################
+# Typed overrides of a preset
+#####################################################################################################
+
+
+def _optional_fields(cls: type, name: str) -> type:
+    """A dataclass with ``cls``'s fields, each optional and None by default (None: keep the preset's value)."""
+    hints = typing.get_type_hints(cls)
+    fields = [(f.name, Optional[hints[f.name]], field(default=None)) for f in dataclasses.fields(cls)]  # noqa: UP045
+    out = dataclasses.make_dataclass(name, fields)
+    out.__module__ = __name__
+    out.__doc__ = f"Overrides of :class:`{cls.__name__}`: fields left None keep the preset's value."
+    return out
+
+
+MoTOverrides = _optional_fields(MoTConfig, "MoTOverrides")
+ViTOverrides = _optional_fields(ViTConfig, "ViTOverrides")
+VAEOverrides = _optional_fields(VAEConfig, "VAEOverrides")
+FlowOverrides = _optional_fields(FlowConfig, "FlowOverrides")
+DetHeadOverrides = _optional_fields(DetHeadConfig, "DetHeadOverrides")
+TokenOverrides = _optional_fields(TokenConfig, "TokenOverrides")
+
+
+@dataclass
+class ModelOverrides:
+    """Overrides of a preset's components, e.g. ``{mot: {n_layers: 4}, head: {diga_layer: 2}}``; unset fields keep
+    the preset's values. ``to_dict()`` gives the nested dict :meth:`UniGenDetConfig.from_name` takes."""
+
+    mot: MoTOverrides | None = None
+    vit: ViTOverrides | None = None
+    vae: VAEOverrides | None = None
+    flow: FlowOverrides | None = None
+    head: DetHeadOverrides | None = None
+    tokens: TokenOverrides | None = None
+    latent_to_vit_connector: bool | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> ModelOverrides:
+        """From a nested (or flat, as :meth:`UniGenDetConfig.from_name` takes) dict; unknown keys are an error."""
+        nested = _nest(dict(d or {}))
+        unknown = set(nested) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown model override keys {sorted(unknown)}")
+        kwargs: dict[str, Any] = {}
+        for key, value in nested.items():
+            if key in _COMPONENTS:
+                comp = _OVERRIDE_CLASSES[key]
+                known = {f.name for f in dataclasses.fields(comp)}
+                if set(value) - known:
+                    raise ValueError(f"unknown {key} override keys {sorted(set(value) - known)}; known: "
+                                     f"{sorted(known)}")
+                value = comp(**value)
+            kwargs[key] = value
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields that are set, nested: ``{"mot": {"n_layers": 4}}``."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if dataclasses.is_dataclass(value):
+                value = {k: v for k, v in dataclasses.asdict(value).items() if v is not None}
+                value = {k: list(v) if isinstance(v, tuple) else v for k, v in value.items()}
+                if not value:
+                    continue
+            out[f.name] = value
+        return out
+
+
+_OVERRIDE_CLASSES = {"mot": MoTOverrides, "vit": ViTOverrides, "vae": VAEOverrides, "flow": FlowOverrides,
+                     "head": DetHeadOverrides, "tokens": TokenOverrides}

@@ -1,0 +1,195 @@
+"""``unigendet fit / validate / test / predict``: LightningCLI over :class:`LitUniGenDet` and any DataModule.
+
+Features:
+* configs stack left to right (``--config base.yaml --config gduf.yaml ...``); typed settings (``model_overrides``,
+  ``data.gen``, ``model.loss`` ...) merge key by key, and a preset name is checked while the config is parsed;
+* errors are one line that names the program (``unigendet fit: error: ...``): parse errors, and configuration errors
+  raised while the model, data module and trainer are built (set ``JSONARGPARSE_DEBUG=1`` for the traceback);
+  errors during training keep their traceback;
+* :class:`RunConfig` writes each run's merged ``config.yaml`` into that run's own folder (the logger's run folder,
+  else ``<default_root_dir>/lightning_logs/<time>``), never over another run's, and gives it to W&B as the run
+  config, with ``val/acc``, ``val/auroc`` and ``val/f1`` summarised by their maximum (what a sweep optimises);
+* a progress bar that counts training steps of ``max_steps`` (:class:`StepProgressBar`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+PROG = "unigendet"
+# W&B summaries: the best value of each, not the last (sweeps and run tables read the summary)
+WANDB_SUMMARIES = {"val/acc": "max", "val/auroc": "max", "val/f1": "max", "val/loss_ce": "min", "val/loss_mse": "min"}
+# errors raised by constructors that mean "this configuration is wrong", shown as one line
+CONFIG_ERRORS = (ValueError, FileNotFoundError, MisconfigurationException)
+
+# lines of jsonargparse's nested Union / class errors that repeat what the remaining lines say
+_REPEATS = re.compile(r"(Does not validate against any of the Union subtypes|Subtypes:|Errors:|Given value|"
+                      r"Expected a <class 'NoneType'>|Expected a path but)")
+_PREFIXES = (re.compile(r'Parser key "(?P<key>[^"]+)":\s*'), re.compile(r"Problem with given class_path '[^']+':\s*"),
+             re.compile(r"Not of type \w+:\s*"))
+
+
+def one_line(message: str) -> str:
+    """jsonargparse's (possibly nested, multi-line) message as one line: ``<dotted key>: <the innermost reasons>``."""
+    keys: list[str] = []
+    reasons: list[str] = []
+    for raw in str(message).splitlines():
+        line = raw.strip().removeprefix("- ").strip()
+        for prefix in _PREFIXES:
+            m = prefix.match(line)
+            if m:
+                if m.groupdict().get("key") and m["key"] not in keys:
+                    keys.append(m["key"])
+                line = line[m.end():]
+        if line and not _REPEATS.match(line) and line not in reasons:
+            reasons.append(line)
+    text = "; ".join(reasons) or " ".join(str(message).split())
+    return f"{'.'.join(keys)}: {text}" if keys else text
+
+
+def _debug() -> bool:
+    return os.environ.get("JSONARGPARSE_DEBUG", "").lower() not in ("", "0", "false")
+
+
+class ArgumentParser(LightningArgumentParser):
+    """Errors as ``unigendet fit: error: <one line>`` instead of the full usage text."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error or _debug():
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        sys.stderr.write(f"{parser.prog.replace(' [options]', '')}: error: {one_line(message)}\n")
+        self.exit(2)
+
+
+#####################################################################################################
+# The run's config: its own folder, and W&B
+#####################################################################################################
+
+
+def run_folder(trainer: L.Trainer) -> Path:
+    """Where this run's files go: the first logger's run folder (``save_dir/name/version``, where Lightning puts
+    checkpoints), else a new ``<default_root_dir>/lightning_logs/<time>`` folder. Call on rank zero."""
+    if trainer.loggers:
+        lg = trainer.loggers[0]
+        version = lg.version if isinstance(lg.version, str) else f"version_{lg.version}"
+        return Path(lg.save_dir or trainer.default_root_dir) / str(lg.name) / version
+    return Path(trainer.default_root_dir) / "lightning_logs" / time.strftime("%Y%m%d-%H%M%S")
+
+
+class RunConfig(SaveConfigCallback):
+    """Saves the merged config as ``config.yaml`` in the run's own folder (:func:`run_folder`) and, with a
+    WandbLogger, as the W&B run config (``model``, ``data``, ``trainer``, ... as in the file)."""
+
+    def __init__(self, parser: LightningArgumentParser, config, **kwargs: Any) -> None:
+        kwargs["save_to_log_dir"] = False
+        super().__init__(parser, config, **kwargs)
+        self.path: Path | None = None
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        folder = run_folder(trainer)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / self.config_filename
+        self.parser.save(self.config, self.path, skip_none=False, overwrite=True, multifile=self.multifile)
+        for lg in trainer.loggers:
+            if isinstance(lg, WandbLogger):
+                import yaml
+
+                run = lg.experiment
+                run.config.update(yaml.safe_load(self.parser.dump(self.config, skip_none=False)),
+                                  allow_val_change=True)
+                for key, summary in WANDB_SUMMARIES.items():
+                    run.define_metric(key, summary=summary, step_metric="trainer/global_step")
+                run_dir = Path(run.dir).parent  # .../wandb/<offline-run-...>/files -> the run's folder
+                if run.settings.mode in ("offline", "dryrun"):
+                    print(f"W&B run {run.id} (offline): {run_dir}; upload it with `wandb sync {run_dir}`",
+                          file=sys.stderr)
+                else:
+                    print(f"W&B run {run.id}: {run.url}", file=sys.stderr)
+
+
+#####################################################################################################
+# Progress in steps
+#####################################################################################################
+
+
+class StepProgressBar(TQDMProgressBar):
+    """The training bar counts optimisation steps up to ``max_steps`` (the runs are step-based: a loader "epoch"
+    is only how the streams are sized), and says which step the run is at."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        if not (trainer.max_steps and trainer.max_steps > 0):
+            return super().on_train_epoch_start(trainer)
+        if self._leave:
+            self.train_progress_bar = self.init_train_tqdm()
+        bar = self.train_progress_bar
+        bar.set_description("Training", refresh=False)
+        bar.reset(total=trainer.max_steps)
+        bar.initial = 0
+        bar.n = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch: Any,
+                           batch_idx: int) -> None:
+        bar = self.train_progress_bar
+        if trainer.max_steps and trainer.max_steps > 0:
+            if self._should_update(trainer.global_step, bar.total) or trainer.global_step >= bar.total:
+                bar.n = trainer.global_step
+                bar.set_postfix(self.get_metrics(trainer, pl_module))
+                bar.refresh()
+        else:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
+
+
+#####################################################################################################
+# The CLI
+#####################################################################################################
+
+
+class UniGenDetCLI(LightningCLI):
+    def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
+        from unigendet.lit_module import LitUniGenDet
+
+        kwargs.setdefault("parser_kwargs", {"prog": PROG})
+        super().__init__(LitUniGenDet, L.LightningDataModule, subclass_mode_data=True, args=args, run=run,
+                         parser_class=ArgumentParser, save_config_callback=RunConfig,
+                         auto_configure_optimizers=False, **kwargs)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except CONFIG_ERRORS as e:
+            if _debug():
+                raise
+            self._parser(self.subcommand).error(f"{type(e).__name__}: {e}" if not isinstance(e, ValueError)
+                                                else str(e))
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> L.Trainer:
+        if config.get("enable_progress_bar") is not False and not any(
+                isinstance(c, ProgressBar) for c in [*(config.get("callbacks") or []), *callbacks]):
+            callbacks = [*callbacks, StepProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
+
+
+def lightning_main(argv: list[str]) -> int:
+    """``unigendet fit|validate|test|predict ...``."""
+    import unigendet.strategy  # noqa: F401  (registers strategy="fsdp2")
+
+    UniGenDetCLI(args=argv)
+    return 0
