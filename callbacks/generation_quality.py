@@ -62,7 +62,13 @@ class GenerationQuality(Callback):
         self._real: list | None = None  # PIL images, decoded once, paired with _prompts
 
     # ----------------------------------------------------------------------------------------------
+    def check(self, pl_module: L.LightningModule) -> None:
+        """ValueError when the model cannot generate ``px`` x ``px`` images (the CLI calls this as it builds the
+        run; ``setup`` again before any training)."""
+        pl_module.cfg.check_image_size(self.px, self.px, what=f"GenerationQuality px={self.px}:")
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.check(pl_module)
         self._wandb = find_wandb(trainer, type(self).__name__)
         if self._wandb is None:
             return

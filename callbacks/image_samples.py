@@ -7,9 +7,10 @@ Features:
   always gets seed ``seed + i`` (:meth:`LitUniGenDet.generate_images` seeds each image on its own).
 * **Logged to W&B** under ``key`` (default ``samples``): ``<key>/grid`` (one image, rows of ``n_cols``, captioned
   ``index: prompt``), ``<key>/images`` (one image per prompt, captioned ``prompt | seed s | p(fake) p``),
-  ``<key>/p_fake_mean`` and ``<key>/p_fake/<i>``; the grid PNG is also written to
+  ``<key>/p_fake_mean`` and ``<key>/p_fake/<i>``. A grid with each image's caption (``index: prompt | seed s |
+  p(fake) p``) printed under it (:func:`unigendet.plots.caption_grid`) is also written to
   ``<save_dir or trainer.default_root_dir>/<key>/grid_step_<step>.png`` (by default ``.../samples/...``; the key
-  keeps two instances with different keys apart).
+  keeps two instances with different keys apart), so the PNG on disk says what each image was asked to show.
 * **The co-evolution in one view**: p(fake) is the detection head's verdict
   (:meth:`LitUniGenDet.detect_images`) on the very images logged, from the same weights (EMA by default). Without a
   detection side in the datamodule (no ``with_vae``), p(fake) is skipped with one notice.
@@ -30,6 +31,7 @@ import lightning as L
 import torch
 
 from callbacks.wandb_only import PeriodicWandbCallback
+from unigendet.plots import caption_grid
 
 log = logging.getLogger("unigendet.callbacks")
 
@@ -70,7 +72,15 @@ class ImageSamples(PeriodicWandbCallback):
         self._last_step: int | None = None
         self._warned_no_detector = False
 
-    # ----------------------------------------------------------------------------------------------
+    def check(self, pl_module: L.LightningModule) -> None:
+        """ValueError when the model cannot generate ``px`` x ``px`` images (the CLI calls this as it builds the
+        run; ``setup`` again before any training)."""
+        pl_module.cfg.check_image_size(self.px, self.px, what=f"ImageSamples px={self.px}:")
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.check(pl_module)
+        super().setup(trainer, pl_module, stage)
+
     # ----------------------------------------------------------------------------------------------
     def sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[list[str], list, torch.Tensor | None]:
         """(prompts, PIL images, p(fake) of each image or None without a detection side) for the current weights."""
@@ -100,11 +110,11 @@ class ImageSamples(PeriodicWandbCallback):
         import wandb
 
         grid = tile(images, self.n_cols)
-        path = Path(self.save_dir or trainer.default_root_dir) / self.key / f"grid_step_{step:06d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(path)
         captions = [f"{p} | seed {self.seed + i}" + ("" if p_fake is None else f" | p(fake) {p_fake[i]:.3f}")
                     for i, p in enumerate(prompts)]
+        path = Path(self.save_dir or trainer.default_root_dir) / self.key / f"grid_step_{step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        caption_grid(images, [f"{i}: {c}" for i, c in enumerate(captions)], self.n_cols).save(path)
         metrics = {f"{self.key}/grid": wandb.Image(grid, caption="\n".join(f"{i}: {p}" for i, p in enumerate(prompts))),
                    f"{self.key}/images": [wandb.Image(img, caption=c) for img, c in zip(images, captions, strict=True)]}
         if p_fake is not None:

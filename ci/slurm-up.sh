@@ -9,12 +9,17 @@
 #   * JobRequeue=1, MinJobAge=600 (finished jobs stay visible to `scontrol show job`: Restarts=, JobState=)
 #   * proctrack/pgid: a job's whole process group dies with it; no accounting DB (sacct does not work)
 #   * returns only once the node is `idle`; prints the daemons' pids (pid files under /var/run/slurm)
-# Environment: SLURM_CPUS (default nproc), SLURM_MEM_MB (1000), SLURM_CRED_EXPIRE (10, >= 5).
+# Environment: SLURM_CPUS (default nproc), SLURM_MEM_MB (1000), SLURM_CRED_EXPIRE (10, >= 5), SLURM_GPUS (0): the
+# node declares that many count-only GPUs (no device files) and SLURM_CPUS may exceed nproc, so that GPU-node job
+# scripts (e.g. experiments/slurm/*.sbatch: --gpus-per-node=8 --ntasks-per-node=8) are accepted on a CPU machine.
 # Stop with ci/slurm-down.sh.
 set -euo pipefail
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin:${PATH:-}
 
 cpus=${SLURM_CPUS:-$(nproc)}
+gpus=${SLURM_GPUS:-0}
+node_gres=""
+if [ "$gpus" -gt 0 ]; then node_gres="Gres=gpu:${gpus}"; fi
 mem=${SLURM_MEM_MB:-1000}
 cred_expire=${SLURM_CRED_EXPIRE:-10}
 conf=/etc/slurm/slurm.conf
@@ -98,9 +103,17 @@ SlurmctldLogFile=${log}/slurmctld.log
 SlurmdLogFile=${log}/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${mem} State=UNKNOWN
+# the node's declared CPUs/GPUs are taken as configured, even beyond the hardware (SLURM_CPUS, SLURM_GPUS)
+SlurmdParameters=config_overrides
+GresTypes=gpu
+NodeName=localhost NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${mem} ${node_gres} State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
+if [ "$gpus" -gt 0 ]; then
+  echo "NodeName=localhost Name=gpu Count=${gpus}" > /etc/slurm/gres.conf
+else
+  rm -f /etc/slurm/gres.conf
+fi
 
 ########################################################################## slurmctld + slurmd
 # shellcheck source=ci/slurm-lib.sh

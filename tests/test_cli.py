@@ -44,3 +44,16 @@ def test_module_entry_point():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["config"]["name"] == "tiny"
+
+
+def test_plot_draws_a_runs_losses(tmp_path, capsys):
+    from PIL import Image
+
+    steps = tmp_path / "steps.jsonl"
+    steps.write_text("".join(json.dumps({"step": i, "train/loss_det": 0.7 - 0.01 * i, "train/loss_mse": 1.0 / i})
+                             + "\n" for i in range(1, 30)))
+    assert main(["plot", str(steps), "--out", str(tmp_path / "losses.png")]) == 0
+    assert json.loads(capsys.readouterr().out) == {"out": str(tmp_path / "losses.png")}
+    assert Image.open(tmp_path / "losses.png").size[0] > 300
+    assert main(["plot", str(tmp_path / "nope.jsonl")]) == 2
+    assert "no such file" in capsys.readouterr().err

@@ -191,8 +191,12 @@ def test_unigendet_test_writes_the_protocol_report(corpus, inception_weights, tm
     p_fake = pipe.detect(saved, explain=False, with_vae=True)
     assert gen["p_fake_mean"] == pytest.approx(np.mean([d.p_fake for d in p_fake]), abs=1e-5)
 
-    # --- the Markdown report and the logger
+    # --- the Markdown report, its figures and the logger
     assert "| head |" in report and "| explanation |" in report and "| FID |" in report
+    for name in ("roc.png", "confusion_matrix.png", "per_category.png"):
+        assert f"]({name})" in report, name  # a Markdown image link to the file next to report.md
+        with Image.open(out / name) as fig:
+            assert fig.format == "PNG" and min(fig.size) >= 200
     assert f"{100 * det['head']['acc']:.1f}" in report
     metrics_csv = next((tmp_path / "logs").rglob("metrics.csv")).read_text().splitlines()
     header, values = metrics_csv[0].split(","), metrics_csv[-1].split(",")
@@ -244,3 +248,287 @@ def test_missing_inception_weights_are_reported_not_fatal(tmp_path):
                      "generation": {"n": 0, "px": 64, "skipped": {}, "fidelity": out}, "world_size": 1,
                      "seconds": 0.0})
     assert "not computed" in text and "absent.pth" in text
+
+
+#####################################################################################################
+# batch by batch: a stand-in engine and data, images counted while alive
+#####################################################################################################
+
+
+class Live:
+    """Every decoded or generated image, weakly: how many are alive now (``alive``), and at most (``peak``)."""
+
+    def __init__(self) -> None:
+        self.alive, self.peak, self.made = 0, 0, 0
+
+    def _gone(self, _ref) -> None:
+        self.alive -= 1
+
+    def new(self, seed: int, px: int = 24):
+        import weakref
+
+        from PIL import Image
+
+        img = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (px, px, 3), dtype=np.uint8))
+        img._live_ref = weakref.ref(img, self._gone)  # kept by the image itself: fires when the image goes
+        self.alive += 1
+        self.made += 1
+        self.peak = max(self.peak, self.alive)
+        return img
+
+
+class Side:
+    """A data module side over ``records`` whose images are noise seeded by record (unreadable: ``broken`` ids)."""
+
+    test = "test.json"
+    caption_column = "caption"
+
+    def __init__(self, records: list, live: Live, broken: tuple[str, ...] = (), gen_dm=None) -> None:
+        self.records, self.live, self.broken = records, live, broken
+        if gen_dm is not None:
+            self.gen_dm, self.with_vae = gen_dm, True
+            self.vit_tf = self.vae_tf = lambda: None
+
+    def split_records(self, split: str) -> list:
+        assert split == "test"
+        return self.records
+
+    def record_image(self, split: str, rec, skips=None):
+        if rec.id in self.broken:
+            skips.skip("unreadable_image", rec.id)
+            return None
+        return self.live.new(1000 + int(rec.id[1:]))
+
+
+class Engine:
+    """detect: p(fake) = mean brightness; generate: noise seeded by the seed. Batch sizes recorded."""
+
+    def __init__(self, live: Live) -> None:
+        from types import SimpleNamespace
+
+        from unigendet.model.config import FlowConfig
+
+        self.live, self.batches = live, []
+        self.cfg = SimpleNamespace(flow=FlowConfig())  # the sampler defaults the saved PNGs record
+
+    def detect(self, images, prompt="", with_vae=True, explain=True, max_new_tokens=0):
+        from types import SimpleNamespace
+
+        self.batches.append(("detect", len(images)))
+        out = []
+        for img in images:
+            p = float(np.asarray(img).mean() / 255 - 0.5) * 8 + 0.5  # noise means spread around 0.5
+            out.append(SimpleNamespace(p_fake=p, label="fake" if p >= 0.5 else "real",
+                                       explanation=f"This is a {'fake' if p >= 0.5 else 'real'} image."))
+        return out
+
+    def generate(self, prompts, *, height, width, steps=None, cfg_scale=None, seed):
+        self.batches.append(("generate", len(prompts)))
+        return [self.live.new(s, px=height) for s in seed]
+
+
+def small_features(extractor, images) -> dict:
+    """Stand-in Inception features: 4 x 4 grey thumbnails (16 "pool" dims), their first 10 as logits."""
+    import torch
+
+    pool = torch.tensor(np.stack([np.asarray(img.convert("L").resize((4, 4)), np.float32).ravel() / 255
+                                  for img in images]))
+    return {"2048": pool, "logits_unbiased": 4 * pool[:, :10]}
+
+
+def stand_in(live: Live, n: int = 9):
+    from types import SimpleNamespace
+
+    det = [SimpleNamespace(id=f"d{i}", prompt="Is it fake?" if i < 5 else "Real or not?", label=i % 2,
+                           cate=("sd", "gan", "photo")[i % 3], answer="This is a fake image.") for i in range(n)]
+    t2i = [SimpleNamespace(id=f"t{i}", prompt=f"caption {i}") for i in range(n)]
+    gen = Side(t2i, live, broken=("t3",))
+    return Side(det, live, gen_dm=gen), Engine(live)
+
+
+@pytest.fixture
+def stand_in_inception(monkeypatch):
+    """The small stand-in features instead of Inception-v3 (and no weights file to check)."""
+    import unigendet.evaluation as ev
+    import unigendet.fidelity as fid
+
+    seen = []
+
+    def features(extractor, images):
+        seen.append(len(images))
+        return small_features(extractor, images)
+
+    monkeypatch.setattr(fid, "inception_features", features)
+    monkeypatch.setattr(fid, "inception_weights", lambda path: path)
+    monkeypatch.setattr(ev, "inception_or_reason", lambda cfg: ("stand-in extractor", None))
+    return seen
+
+
+def expected_generation(cfg: EvalConfig, n: int = 9) -> dict:
+    """An independent pass: the readable captions in record order, their real and generated images' features."""
+    from unigendet.fidelity import metrics_from_features
+
+    live = Live()
+    dm, engine = stand_in(live, n)
+    kept = [(i, r) for i, r in enumerate(dm.gen_dm.records) if r.id != "t3"]
+    real = [dm.gen_dm.record_image("test", r) for _, r in kept]
+    fake = engine.generate([r.prompt for _, r in kept], height=cfg.gen_px, width=cfg.gen_px,
+                           seed=[cfg.seed + i for i, _ in kept])
+    p_fake = [d.p_fake for d in engine.detect(fake)]
+    return {"prompts": [r.prompt for _, r in kept], "seeds": [cfg.seed + i for i, _ in kept], "fake": fake,
+            "p_fake_mean": sum(p_fake) / len(p_fake),
+            "fidelity": metrics_from_features(small_features(None, fake), small_features(None, real),
+                                              kid_subset_size=cfg.kid_subset_size)}
+
+
+def test_protocol_holds_one_batch_of_images_not_all_of_them(stand_in_inception, tmp_path):
+    """The old protocol decoded every record's image, generated every caption and kept them all (2 x 8 here); now a
+    batch is read, judged / generated, saved and turned into features, and dropped before the next one."""
+    from PIL import Image
+
+    from unigendet.evaluation import run_protocol, write_report
+
+    live = Live()
+    dm, engine = stand_in(live)
+    cfg = EvalConfig(batch_size=2, gen_px=16, seed=10, kid_subset_size=3, explain=True, out_dir=str(tmp_path / "eval"))
+    results = run_protocol(engine, dm, cfg)
+    assert live.made == 9 + 8 + 8  # detection images, readable real images, generated images
+    assert live.peak <= cfg.batch_size + 1, live.peak  # one batch (+ the record read ahead to end a prompt's batch)
+    assert max(n for _, n in engine.batches) <= cfg.batch_size and max(stand_in_inception) <= cfg.batch_size
+    assert live.alive == 0  # nothing kept in the results
+
+    exp = expected_generation(cfg)
+    gen = results["generation"]
+    assert gen["prompts"] == exp["prompts"] and gen["seeds"] == exp["seeds"] and gen["skipped"] == {
+        "unreadable_image": 1}
+    assert gen["fidelity"] == exp["fidelity"]  # paired, in record order
+    assert gen["p_fake_mean"] == pytest.approx(exp["p_fake_mean"], abs=1e-12)
+    det = results["detection"]
+    assert det["n"] == 9 and [r["id"] for r in results["_rows"]] == [f"d{i}" for i in range(9)]
+
+    # the PNGs were written as they were made, named by record index, prompt and seed in their text
+    pngs = sorted((tmp_path / "eval" / "generated").glob("*.png"))
+    assert [p.name for p in pngs] == gen["files"] == [f"{s - 10:05d}.png" for s in gen["seeds"]]
+    for p, img, prompt, seed in zip(pngs, exp["fake"], gen["prompts"], gen["seeds"], strict=True):
+        saved = Image.open(p)
+        assert np.array_equal(np.asarray(saved), np.asarray(img)) and saved.text == {"prompt": prompt,
+                                                                                     "seed": str(seed)}
+    out = write_report(results, tmp_path / "eval")
+    report = (out / "report.md").read_text()
+    for name in ("roc.png", "confusion_matrix.png", "per_category.png"):
+        assert f"]({name})" in report and Image.open(out / name).format == "PNG"
+    assert len(list((out / "generated").glob("*.png"))) == 8
+
+
+def test_without_an_output_folder_the_pngs_wait_in_a_temporary_one(stand_in_inception, tmp_path):
+    from unigendet.evaluation import run_protocol, write_report
+
+    live = Live()
+    dm, engine = stand_in(live, n=4)
+    results = run_protocol(engine, dm, EvalConfig(batch_size=3, gen_px=16, detection=False))
+    [spool] = map(Path, results["_png_dirs"])
+    assert sorted(p.name for p in spool.glob("*.png")) == ["00000.png", "00001.png", "00002.png"]  # t3 unreadable
+    out = write_report(results, tmp_path / "report")
+    assert sorted(p.name for p in (out / "generated").glob("*.png")) == ["00000.png", "00001.png", "00002.png"]
+    assert not spool.exists()
+    assert "roc.png" not in (out / "report.md").read_text()  # no detection, no detection figures
+
+
+def _images_in(obj) -> int:
+    from PIL import Image
+
+    if isinstance(obj, Image.Image):
+        return 1
+    if isinstance(obj, dict):
+        return sum(_images_in(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_images_in(v) for v in obj)
+    return 0
+
+
+def test_two_ranks_gather_features_not_images_and_agree_with_one(stand_in_inception, monkeypatch, tmp_path):
+    """Two ranks as two threads (world / gather_per_rank stood in by a barrier): each takes every other record, only
+    rows, p(fake), features and counts cross between them, and the results equal a single process's."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import unigendet.evaluation as ev
+
+    local, barrier, slots, payloads = threading.local(), threading.Barrier(2, timeout=60), [None, None], []
+
+    def gather(obj):
+        slots[local.rank] = obj
+        payloads.append(obj)
+        barrier.wait()
+        out = list(slots)
+        barrier.wait()  # all have read before the next gather writes
+        return out
+
+    cfg = EvalConfig(batch_size=2, gen_px=16, seed=3, kid_subset_size=3, out_dir=str(tmp_path / "two"))
+    one = ev.run_protocol(*reversed(stand_in(Live())), EvalConfig(**{**cfg.__dict__, "out_dir": str(tmp_path / "one")}))
+    monkeypatch.setattr(ev, "world", lambda: (local.rank, 2))
+    monkeypatch.setattr(ev, "gather_per_rank", gather)
+
+    def rank(r: int):
+        local.rank = r
+        dm, engine = stand_in(Live())
+        return ev.run_protocol(engine, dm, cfg), engine
+
+    with ThreadPoolExecutor(2) as pool:
+        (two, engine0), (two1, _) = [f.result() for f in [pool.submit(rank, r) for r in (0, 1)]]
+    assert sum(n for kind, n in engine0.batches if kind == "generate") == 5  # records 0, 2, 4, 6, 8 (3 is rank 1's)
+    assert payloads and sum(_images_in(p) for p in payloads) == 0
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert two["_rows"] == one["_rows"] == two1["_rows"]
+    assert two["detection"] == one["detection"]
+    for key in ("prompts", "seeds", "files", "skipped", "fidelity", "p_fake_mean", "judged_fake"):
+        assert two["generation"][key] == one["generation"][key] == two1["generation"][key], key
+    names = sorted(p.name for p in (tmp_path / "two" / "generated").glob("*.png"))
+    assert names == sorted(p.name for p in (tmp_path / "one" / "generated").glob("*.png")) == two["generation"]["files"]
+
+
+def test_a_figure_that_cannot_be_drawn_is_explained_in_the_report(tmp_path):
+    from dataclasses import asdict
+
+    from unigendet.evaluation import write_report
+
+    rows = [{"index": i, "id": str(i), "cate": None, "label": "fake", "p_fake": p,
+             "head": "fake" if p >= 0.5 else "real"} for i, p in enumerate([0.9, 0.3, 0.7])]
+    (tmp_path / "roc.png").write_bytes(b"stale")  # from an earlier report: must not sit next to this one
+    results = {"settings": asdict(EvalConfig()), "world_size": 1, "seconds": 0.0, "_rows": rows,
+               "detection": {**summarize_detection(rows), "records": 3, "skipped": {}, "with_vae": True}}
+    report = (write_report(results, tmp_path) / "report.md").read_text()
+    assert "ROC curve of the real/fake head (fake = positive): not drawn (a ROC needs both labels, have 3 fake and " \
+           "0 real images)." in report
+    assert "Head accuracy per category: not drawn (no categories" in report
+    assert "![Confusion matrix of the real/fake head](confusion_matrix.png)" in report
+    assert (tmp_path / "confusion_matrix.png").is_file() and not (tmp_path / "roc.png").exists()
+    assert not (tmp_path / "per_category.png").exists()
+
+
+def test_generated_pngs_go_where_the_report_will_be(tmp_path):
+    """out_dir, else cfg.out_dir, else the folder LitUniGenDet.evaluate_protocol reports to (the datamodule's
+    trainer: log_dir, else default_root_dir, + /eval), else a temporary folder; nothing without save_images."""
+    from types import SimpleNamespace
+
+    from unigendet.evaluation import _png_dir
+
+    trainer = SimpleNamespace(log_dir=str(tmp_path / "logs"), default_root_dir=str(tmp_path / "root"))
+    dm = SimpleNamespace(trainer=trainer)
+    assert _png_dir(dm, EvalConfig(out_dir=str(tmp_path / "cfg")), tmp_path / "arg") == tmp_path / "arg/generated"
+    assert _png_dir(dm, EvalConfig(out_dir=str(tmp_path / "cfg")), None) == tmp_path / "cfg/generated"
+    assert _png_dir(dm, EvalConfig(), None) == tmp_path / "logs/eval/generated"
+    trainer.log_dir = None
+    assert _png_dir(dm, EvalConfig(), None) == tmp_path / "root/eval/generated"
+    assert (tmp_path / "root/eval/generated").is_dir()
+    spool = _png_dir(SimpleNamespace(), EvalConfig(), None)
+    assert spool.is_dir() and tmp_path not in spool.parents
+    spool.rmdir()
+    assert _png_dir(dm, EvalConfig(save_images=False, out_dir=str(tmp_path)), None) is None
+
+
+def test_a_detection_split_without_readable_images_is_reported():
+    text = markdown({"settings": {"split": "test"}, "detection": {"n": 0, "records": 2, "with_vae": True,
+                                                                  "skipped": {"unreadable_image": 2}},
+                     "world_size": 1, "seconds": 0.0})
+    assert "no readable image among 2 records" in text and "unreadable_image" in text

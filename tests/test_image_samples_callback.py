@@ -74,7 +74,19 @@ def test_samples_at_validations_and_every_n_steps_match_a_recomputation(corpus, 
     tiles = [grid[:PX, :PX], grid[:PX, PX:], grid[PX:, :PX]]
     assert all(np.array_equal(t, pixels(e)) for t, e in zip(tiles, expected, strict=True))
     assert (grid[PX:, PX:] == 255).all()
-    assert np.array_equal(pixels(Image.open(tmp_path / "samples" / "grid_step_000004.png")), grid)
+    # on disk, each image has its caption (index: prompt | seed | p(fake)) printed under it
+    saved = pixels(Image.open(tmp_path / "samples" / "grid_step_000004.png"))
+    band = saved.shape[0] // 2 - PX
+    assert saved.shape == (2 * (PX + band), 2 * PX, 3) and band > 0
+    for i, e in enumerate(expected):
+        x, y = (i % 2) * PX, (i // 2) * (PX + band)
+        assert np.array_equal(saved[y: y + PX, x: x + PX], pixels(e)), i
+        assert (saved[y + PX: y + PX + band, x: x + PX].max(axis=2) < 128).any(), i  # caption text
+    assert (saved[PX + band:, PX:] == 255).all()
+    from unigendet.plots import caption_grid
+
+    numbered = [f"{i}: {c}" for i, c in enumerate(rows[-1]["samples/images"]["captions"])]
+    assert np.array_equal(saved, pixels(caption_grid(expected, numbered, 2)))
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [f"grid_step_{k:06d}.png" for k in (2, 4)]
     assert sorted(p.name for p in (tmp_path / "fixed").iterdir()) == [f"grid_step_{k:06d}.png" for k in (1, 2, 3, 4)]
 

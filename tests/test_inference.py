@@ -7,6 +7,7 @@ The tests build their own small random-weight checkpoint (tiny preset + a BPE to
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -200,6 +201,67 @@ def test_export_round_trip_is_exact(ckpt, tmp_path, capsys):
     assert a.tok.encode(TEXTS[0]) == b.tok.encode(TEXTS[0])
     ra, rb = a.detect(_images()[:1], max_new_tokens=4), b.detect(_images()[:1], max_new_tokens=4)
     assert ra[0].tokens == rb[0].tokens and ra[0].p_fake == rb[0].p_fake
+
+
+def test_generate_records_the_settings_actually_used(ckpt, tmp_path, capsys):
+    """Without --steps / --cfg-scale the PNG says which the model's defaults were, not null."""
+    out = tmp_path / "gen"
+    assert main(["generate", "--ckpt", str(ckpt), "--prompt", "a cow", "--out", str(out), "--height", "32",
+                 "--width", "32"]) == 0
+    (row,) = _lines(capsys.readouterr().out)
+    meta = json.loads(Image.open(row["path"]).text["unigendet"])
+    flow = UniGenDetConfig.from_name("tiny").flow
+    assert meta["steps"] == flow.sample_steps and meta["cfg_scale"] == flow.cfg_scale
+    assert meta["shift"] == flow.sample_shift and meta["cfg_interval"] == list(flow.cfg_interval)
+    assert meta["dtype"] == "float32" and meta["seed"] == 0
+
+
+def test_exported_weights_are_readable_by_everyone(ckpt, tmp_path, capsys):
+    old = os.umask(0o022)
+    try:
+        assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "exp"), "--no-progress"]) == 0
+    finally:
+        os.umask(old)
+    files = list((tmp_path / "exp").iterdir())
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {"0o644"}
+
+
+def test_inference_defaults_fit_the_hardware():
+    from unigendet.cli import resolve_device
+
+    if torch.cuda.is_available():
+        assert resolve_device(None, None) == ("cuda", "bfloat16")
+    else:
+        assert resolve_device(None, None) == ("cpu", "float32")
+        with pytest.raises(ValueError, match="--device cuda: CUDA is not available on this machine"):
+            resolve_device("cuda", None)
+    assert resolve_device("cpu", "bf16") == ("cpu", "bfloat16")
+    with pytest.raises(ValueError, match="not a device torch knows"):
+        resolve_device("gpu0", None)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["detect", "{img}", "--ckpt", "{ckpt}", "--device", "cuda"], "--device cuda: CUDA is not available"),
+    (["detect", "{tmp}/missing.png", "--ckpt", "{ckpt}"], "none of the inputs exist"),
+    (["detect", "{img}", "--ckpt", "{tmp}/no-model"], "--ckpt {tmp}/no-model: no such file or folder"),
+    (["detect", "{img}", "--ckpt", "{ckpt}", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["generate", "--ckpt", "{ckpt}", "--out", "{tmp}/o"], "give --prompt and/or --prompts-file"),
+    (["generate", "--ckpt", "{ckpt}", "--out", "{tmp}/o", "--prompt", "x", "--device", "cuda:3"], "--device cuda:3"),
+    (["export", "--ckpt", "{tmp}/no-model", "--out", "{tmp}/o"], "--ckpt {tmp}/no-model: no such file or folder"),
+])
+def test_bad_inference_arguments_fail_in_one_line_before_any_weights_are_read(ckpt, tmp_path, capsys, argv, message):
+    if "cuda" in message and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    img = tmp_path / "one.png"
+    _images()[0].save(img)
+    fill = {"img": str(img), "ckpt": str(ckpt), "tmp": str(tmp_path)}
+    assert main([a.format(**fill) for a in argv]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"unigendet {argv[0]}: error: "), err
+    assert message.format(**fill) in err[0]
+    assert "loaded" not in captured.err and captured.out == ""
 
 
 def test_console_script_detect_outputs_json(ckpt, tmp_path):

@@ -189,8 +189,9 @@ def test_slurm_yaml_keeps_model_checkpoint_and_adds_safe_requeue(capsys):
               "--print_config"])
     assert exit_info.value.code in (0, None)
     cfg = yaml.safe_load(capsys.readouterr().out)["trainer"]
-    assert [c["class_path"] for c in cfg["callbacks"]] == ["lightning.pytorch.callbacks.ModelCheckpoint",
-                                                           "callbacks.SafeRequeue"]
+    base = [c["class_path"] for c in yaml.safe_load((EXPERIMENTS / "base.yaml").read_text())["trainer"]["callbacks"]]
+    assert "lightning.pytorch.callbacks.ModelCheckpoint" in base
+    assert [c["class_path"] for c in cfg["callbacks"]] == [*base, "callbacks.SafeRequeue"]
     [plugin] = cfg["plugins"]
     assert plugin["class_path"].endswith("SLURMEnvironment") and plugin["init_args"]["auto_requeue"] is False
 
@@ -221,16 +222,36 @@ class PauseUntilSignal(Callback):
             time.sleep(0.1)
 
 
-@pytest.fixture(scope="module")
-def slurm_cluster():
+def start_slurm(cpus: int | None = None, gpus: int = 0) -> None:
+    """Start (or reconfigure) the one-node Slurm of ci/slurm-up.sh; skip the calling test when that cannot work here.
+    ``cpus`` / ``gpus``: what the node declares (more than it has, so that GPU-node job scripts are accepted; the GPUs
+    are count-only, without devices)."""
     if os.geteuid() != 0:
         pytest.skip("needs root: ci/slurm-up.sh installs Slurm and starts munged, slurmctld and slurmd")
     if shutil.which("sbatch") is None and shutil.which("apt-get") is None:
         pytest.skip("Slurm is not installed and there is no apt-get to install it")
+    env = {**os.environ, "SLURM_GPUS": str(gpus), **({"SLURM_CPUS": str(cpus)} if cpus else {})}
     up = subprocess.run(["bash", str(CI / "slurm-up.sh")], capture_output=True, text=True, timeout=900,
-                        stdin=subprocess.DEVNULL)
+                        stdin=subprocess.DEVNULL, env=env)
     if up.returncode != 0:
         pytest.skip(f"ci/slurm-up.sh could not start Slurm (rc {up.returncode}):\n{(up.stdout + up.stderr)[-3000:]}")
+
+
+def wait_for_job(job: str, logs: Path, timeout: float) -> tuple[dict[str, str], str]:
+    """Wait until the job ends; its final `scontrol show job` state and its output file (``logs/*-<job>.out``)."""
+    deadline = time.monotonic() + timeout
+    while (state := job_state(job))["JobState"] not in TERMINAL:
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", "--full", job], check=False)
+            break
+        time.sleep(2)
+    out = sorted(logs.glob(f"*-{job}.out"))
+    return state, out[0].read_text() if out else "(no output file)"
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    start_slurm()
     try:
         yield
     finally:

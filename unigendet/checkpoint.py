@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -336,13 +337,14 @@ def bagel_state_dict(model: UniGenDet) -> tuple[dict[str, Tensor], dict[str, Ten
 
 
 def save_folder(model: UniGenDet, out: str | Path, *, max_shard_bytes: int = 4 * 1024**3,
-                dtype: torch.dtype | None = None, single_file: bool = False) -> Path:
+                dtype: torch.dtype | None = None, single_file: bool = False, progress: bool = False) -> Path:
     """Write ``model`` as a UniGenDet/BAGEL folder: weights, ae.safetensors, json configs.
 
     Weights go to shards + ``model.safetensors.index.json`` (default), or with ``single_file`` to one
     ``ema.safetensors`` (what BAGEL's own inference loader opens). Each file is written under a temporary name and
     renamed into place, and weight files of an earlier export that the new one does not use are removed (the index
-    first), so an interrupted export never leaves a complete-looking but inconsistent folder.
+    first), so an interrupted export never leaves a complete-looking but inconsistent folder. Files are readable by
+    everyone the umask allows (0644 by default), like any released model. ``progress``: a bar over the shards.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -363,6 +365,10 @@ def save_folder(model: UniGenDet, out: str | Path, *, max_shard_bytes: int = 4 *
             size += nbytes
     n = len(shards)
     weight_map, total, written = {}, 0, set()
+    if progress and n > 1:
+        from tqdm import tqdm
+
+        shards = tqdm(shards, desc="export", unit="shard", file=sys.stderr, dynamic_ncols=True)
     for i, shard in enumerate(shards):
         fname = SINGLE_FILES[0] if single_file else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         tensors = {k: cast(v).contiguous().cpu() for k, v in shard.items()}
@@ -409,7 +415,14 @@ def copy_tokenizer(src: str | Path, out: str | Path) -> list[str]:
 def _atomic_save(tensors: dict[str, Tensor], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files; a released model is readable like any file
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -78,5 +78,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, path)
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+        weights_only = refuse_unsafe_load(weights_only)
+        if Path(path).is_dir():  # an FSDP2 folder, read by a process without FSDP2 (e.g. `unigendet test`)
+            raise ValueError(f"{path} is a distributed (FSDP2) checkpoint folder: load it with "
+                             "--trainer.strategy=fsdp2 (on any number of processes), or export it "
+                             "(`unigendet export --ckpt FOLDER --out DIR`) and use --model.init_from=DIR")
         kwargs = {} if map_location is None else {"map_location": map_location}
-        return super().load_checkpoint(path, weights_only=refuse_unsafe_load(weights_only), **kwargs)
+        return super().load_checkpoint(path, weights_only=weights_only, **kwargs)

@@ -9,6 +9,7 @@ Commands:
 * ``detect``       - is this image fake, and why? One JSON line per image.
 * ``generate``     - text-to-image; PNGs carrying their prompt and seed in the metadata.
 * ``export``       - write a checkpoint in the BAGEL format (weights, configs, tokenizer).
+* ``plot``         - loss curves of a run (its ``steps.jsonl``) as a PNG.
 * ``inspect-data`` - stream a detection / T2I corpus through the real readers and transforms; one JSON summary.
 * ``demo-data``    - build the embedded demo corpus.
 """
@@ -66,13 +67,39 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
           "float16": "float16", "fp16": "float16"}
 
 
+def resolve_device(device: str | None, dtype: str | None) -> tuple[str, str]:
+    """``--device`` / ``--dtype`` as given, else what fits the hardware: CUDA + bf16 when a GPU is present, CPU + fp32
+    otherwise. A CUDA device on a machine without one is a ValueError (one line, before any weights are read)."""
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r} is not a device torch knows ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dtype is None:
+        dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    return device, DTYPES[dtype]
+
+
+def _check_ckpt(path: str) -> None:
+    if not Path(path).exists():
+        raise FileNotFoundError(f"--ckpt {path}: no such file or folder")
+
+
 def _pipeline(args: argparse.Namespace):
     import torch
 
     from unigendet.inference import UniGenDetPipeline
 
-    pipe = UniGenDetPipeline.from_pretrained(args.ckpt, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]))
-    print(f"loaded {args.ckpt}: {pipe.load_report}", file=sys.stderr)
+    pipe = UniGenDetPipeline.from_pretrained(args.ckpt, device=args.device, dtype=getattr(torch, args.dtype))
+    print(f"loaded {args.ckpt} on {args.device} ({args.dtype}): {pipe.load_report}", file=sys.stderr)
     return pipe
 
 
@@ -101,10 +128,17 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from unigendet.images import open_image
     from unigendet.skips import SkipCounter
 
+    # everything that can be checked is checked before the weights are read
     paths = _expand_images(args.inputs)
     if not paths:
-        print("unigendet detect: error: no images found", file=sys.stderr)
-        return 2
+        raise ValueError(f"no images found in {' '.join(args.inputs)}")
+    if not any(p.exists() or p.is_symlink() for p in paths):
+        raise FileNotFoundError(f"none of the inputs exist: {' '.join(args.inputs)}")
+    for name in ("batch_size", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    _check_ckpt(args.ckpt)
+    args.device, args.dtype = resolve_device(args.device, args.dtype)
     pipe = _pipeline(args)
     batches = [paths[i: i + args.batch_size] for i in range(0, len(paths), args.batch_size)]
     n_bad = 0
@@ -141,13 +175,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompts_file:
         prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
     if not prompts:
-        print("unigendet generate: error: give --prompt and/or --prompts-file", file=sys.stderr)
-        return 2
+        raise ValueError("give --prompt and/or --prompts-file")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    _check_ckpt(args.ckpt)
+    args.device, args.dtype = resolve_device(args.device, args.dtype)
     pipe = _pipeline(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"height": args.height, "width": args.width, "steps": args.steps, "shift": args.shift,
-                "cfg_scale": args.cfg_scale, "cfg_interval": args.cfg_interval, "renorm_min": args.renorm_min}
+    fc = pipe.model.cfg.flow  # the settings actually used, the model's defaults filled in (recorded in each PNG)
+    settings = {"height": args.height, "width": args.width, "steps": args.steps or fc.sample_steps,
+                "shift": args.shift or fc.sample_shift,
+                "cfg_scale": fc.cfg_scale if args.cfg_scale is None else args.cfg_scale,
+                "cfg_interval": list(fc.cfg_interval if args.cfg_interval is None else args.cfg_interval),
+                "renorm_min": fc.cfg_renorm_min if args.renorm_min is None else args.renorm_min}
     chunks = [list(range(i, min(i + args.batch_size, len(prompts)))) for i in range(0, len(prompts), args.batch_size)]
     for idx in _progress(chunks, len(chunks) > 1 and not args.no_progress, "batch"):
         seeds = [args.seed + i for i in idx]
@@ -156,7 +197,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             meta = PngInfo()
             meta.add_text("prompt", prompts[i])
             meta.add_text("seed", str(seed))
-            meta.add_text("unigendet", json.dumps({**settings, "ckpt": str(args.ckpt)}))
+            meta.add_text("unigendet", json.dumps({**settings, "seed": seed, "ckpt": str(args.ckpt),
+                                                   "dtype": args.dtype}))
             path = out / f"{i:05d}.png"
             img.save(path, pnginfo=meta)
             print(json.dumps({"path": str(path), "prompt": prompts[i], "seed": seed}), flush=True)
@@ -174,6 +216,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         save_folder,
     )
 
+    _check_ckpt(args.ckpt)
     training = is_training_checkpoint(args.ckpt)  # a .ckpt file or an FSDP2 checkpoint folder: EMA + tokenizer
     if training:
         model, report, tok_json = load_lightning_checkpoint(args.ckpt)
@@ -186,17 +229,29 @@ def cmd_export(args: argparse.Namespace) -> int:
             (Path(args.out) / "tokenizer.json").write_text(tok_json)
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     out = save_folder(model, args.out, dtype=dtype, single_file=args.single_file,
-                      max_shard_bytes=int(args.max_shard_gb * 1024**3))
+                      max_shard_bytes=int(args.max_shard_gb * 1024**3), progress=not args.no_progress)
     copied = ["tokenizer.json"] if training else copy_tokenizer(args.ckpt, out)
     print(json.dumps({"out": str(out), "files": sorted(p.name for p in out.iterdir()), "tokenizer": copied}))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from unigendet.plots import loss_curves_png
+
+    path = Path(args.steps)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (a steps.jsonl written by callbacks.StepLog)")
+    out = Path(args.out) if args.out else path.with_suffix(".png")
+    loss_curves_png(path, out, keys=args.keys)
+    print(json.dumps({"out": str(out)}))
     return 0
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="a BAGEL / UniGenDet model folder, or a training checkpoint (.ckpt "
                                                  "file or FSDP2 folder; its EMA weights)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda when a GPU is present)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -278,7 +333,14 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="cast the weights (default: as stored)")
     exp.add_argument("--single-file", action="store_true", help="one ema.safetensors instead of shards + index")
     exp.add_argument("--max-shard-gb", type=float, default=4.0)
+    exp.add_argument("--no-progress", action="store_true")
     exp.set_defaults(func=cmd_export)
+    plot = sub.add_parser("plot", help="loss curves of a run: its steps.jsonl (callbacks.StepLog) -> PNG")
+    plot.add_argument("steps", help="a steps.jsonl written by callbacks.StepLog")
+    plot.add_argument("--out", help="the PNG to write (default: next to the file, .png)")
+    plot.add_argument("--keys", nargs="+", help="which values (default: every train/loss_*)")
+    plot.set_defaults(func=cmd_plot)
+
     for name, help_text in (("inspect-data", "check a corpus before a long run (see `unigendet inspect-data -h`)"),
                             ("demo-data", "build the embedded demo corpus (see `unigendet demo-data -h`)"),
                             ("demo", "the embedded default: corpus, training, held-out evaluation, samples"),
@@ -300,8 +362,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
-        print(f"unigendet {args.command}: error: {e}", file=sys.stderr)
+        print(f"unigendet {args.command}: error: {one_line(str(e))}", file=sys.stderr)
         return 2
+
+
+def one_line(message: str) -> str:
+    return " ".join(message.split())
 
 
 if __name__ == "__main__":

@@ -109,15 +109,12 @@ def evaluate(ckpt: Path, corpus: Path, out: Path, panel: int, seed: int) -> tupl
 
 
 def sample_grid(pipe, corpus: Path, out: Path, n: int, seed: int, px: int, steps: int) -> Path:
-    from PIL import Image
+    """Images for the first ``n`` held-out captions, tiled with each caption under its image."""
+    from unigendet.plots import caption_grid
 
     prompts = [json.loads(line)["prompt"] for line in (corpus / "t2i" / "test.jsonl").read_text().splitlines()[:n]]
     images = pipe.generate(prompts, height=px, width=px, steps=steps, seed=seed)
-    cols = min(4, len(images))
-    rows = (len(images) + cols - 1) // cols
-    grid = Image.new("RGB", (cols * px, rows * px), "white")
-    for k, img in enumerate(images):
-        grid.paste(img, ((k % cols) * px, (k // cols) * px))
+    grid = caption_grid(images, [f"{i}: {p}" for i, p in enumerate(prompts)], n_cols=min(4, len(images)))
     (out / "samples").mkdir(parents=True, exist_ok=True)
     path = out / "samples" / "grid.png"
     grid.save(path)

@@ -10,19 +10,33 @@ Features:
 * **Generation** on a text-to-image test split: one image per caption (fixed per-caption seeds), FID / KID / IS
   against the paired real images (centre crop + resize to 299, torch-fidelity with a local Inception file; without one
   the report says so and the rest runs), and the detector's p(fake) on the generated images.
-* **Data parallel**: each rank takes every world-th record; rows and images are gathered, rank 0 computes the
-  fidelity metrics and writes the report, and every rank returns the same results.
+* **Batch by batch, never every image**: records are decoded as they are consumed, ``batch_size`` at a time. For
+  generation each batch's real images become Inception features, then the batch is generated, saved as PNGs
+  (``generated/<record index>.png``, prompt and seed in the PNG text), turned into Inception features and judged by the
+  detector, and dropped: a rank holds about one batch of images at any time, and only 2048 + 1008 floats per image
+  are kept (:mod:`unigendet.fidelity`). The metrics are those of torch-fidelity on the same images.
+* **Data parallel**: each rank takes every world-th record; rows, p(fake), Inception features and skip counts are
+  gathered (never images), rank 0 computes the fidelity metrics from the features sorted by record index (KID subsets
+  and IS splits then match a single process) and writes the report, and every rank returns the same results. The
+  generated PNGs are written by the rank that made them, into ``<out_dir>/generated`` (a shared file system across
+  nodes), or into a temporary folder that :func:`write_report` empties into it when no output folder is known.
 * **Report**: ``results.json`` (settings, metrics, skips), ``detections.jsonl`` (one row per image: p(fake), both
-  labels, explanation, reference, ROUGE-L, CSS), ``report.md`` (the tables a paper would show) and, optionally,
-  the generated PNGs.
+  labels, explanation, reference, ROUGE-L, CSS), ``report.md`` (the tables a paper would show), its figures
+  ``roc.png``, ``confusion_matrix.png`` and ``per_category.png`` (:mod:`unigendet.plots`; a figure that cannot be drawn
+  is replaced by a line saying why) and, optionally, the generated PNGs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shutil
+import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +72,7 @@ class EvalConfig:
     inception_weights: str | None = None  # None: $UNIGENDET_INCEPTION_WEIGHTS; absent: no FID/KID/IS
     kid_subset_size: int | None = None
     save_images: bool = True
+    progress: bool = True  # progress bars on stderr (rank zero)
     out_dir: str | None = None  # None: <log dir>/eval
 
     def __post_init__(self) -> None:
@@ -72,19 +87,44 @@ class EvalConfig:
 #####################################################################################################
 
 
-def detect_rows(engine, items: list[tuple[int, Any, Any]], cfg: EvalConfig, with_vae: bool) -> list[dict]:
-    """One row per (index, record, image); consecutive records asking the same question share a batch."""
+class Batches:
+    """Consecutive items of an iterable in lists of at most ``size``, pulled lazily; a list also ends before an item
+    for which ``same(first item, item)`` is False. Once a list is handed out nothing of it is kept here (only that
+    one item read ahead), so its images go as soon as the caller drops the list."""
+
+    def __init__(self, items: Iterable, size: int, same: Callable[[Any, Any], bool] | None = None) -> None:
+        self.items, self.size, self.same = iter(items), size, same
+        self.ahead: list = []
+
+    def __iter__(self) -> Batches:
+        return self
+
+    def __next__(self) -> list:
+        batch, self.ahead = self.ahead, []
+        while len(batch) < self.size:
+            item = next(self.items, _END)
+            if item is _END:
+                break
+            if batch and self.same is not None and not self.same(batch[0], item):
+                self.ahead = [item]
+                break
+            batch.append(item)
+        if not batch:
+            raise StopIteration
+        return batch
+
+
+_END = object()
+
+
+def detect_rows(engine, items: Iterable[tuple[int, Any, Any]], cfg: EvalConfig, with_vae: bool) -> list[dict]:
+    """One row per (index, record, image), the images consumed lazily; consecutive records asking the same question
+    share a batch of at most ``cfg.batch_size``."""
     rouge = RougeL() if cfg.explain else None
     rows: list[dict] = []
-    i = 0
-    while i < len(items):
-        prompt = items[i][1].prompt
-        chunk = [items[i]]
-        while i + len(chunk) < len(items) and len(chunk) < cfg.batch_size and items[i + len(chunk)][1].prompt == prompt:
-            chunk.append(items[i + len(chunk)])
-        i += len(chunk)
-        dets = engine.detect([img for _, _, img in chunk], prompt=prompt, with_vae=with_vae, explain=cfg.explain,
-                             max_new_tokens=cfg.max_new_tokens)
+    for chunk in Batches(items, cfg.batch_size, same=lambda a, b: a[1].prompt == b[1].prompt):
+        dets = engine.detect([img for _, _, img in chunk], prompt=chunk[0][1].prompt, with_vae=with_vae,
+                             explain=cfg.explain, max_new_tokens=cfg.max_new_tokens)
         for (index, rec, _), det in zip(chunk, dets, strict=True):
             row = {"index": index, "id": rec.id, "cate": rec.cate, "label": LABELS[rec.label],
                    "p_fake": det.p_fake, "head": det.label}
@@ -94,6 +134,7 @@ def detect_rows(engine, items: list[tuple[int, Any, Any]], cfg: EvalConfig, with
                            text=None if text_label is None else LABELS[text_label],
                            rouge_l=rouge(det.explanation, rec.answer), css=css(rec.answer, det.explanation))
             rows.append(row)
+        del chunk  # the images, before the next batch is read
     return rows
 
 
@@ -154,19 +195,81 @@ def summarize_detection(rows: list[dict]) -> dict[str, Any]:
 #####################################################################################################
 
 
-def fidelity_or_reason(real: list, fake: list, cfg: EvalConfig) -> dict[str, Any]:
-    """FID / KID / IS of generated vs paired real images, or ``{"not_computed": why}``."""
-    from unigendet.fidelity import InceptionWeightsMissing, fidelity_metrics, inception_weights
+def inception_or_reason(cfg: EvalConfig, device: str = "cpu"):
+    """(torch-fidelity's Inception feature extractor, None), or (None, why) when there are no weights."""
+    from unigendet.fidelity import InceptionWeightsMissing, inception_extractor
 
-    path = cfg.inception_weights or os.environ.get(WEIGHTS_ENV)
     try:
-        weights = inception_weights(path)
+        return inception_extractor(cfg.inception_weights or os.environ.get(WEIGHTS_ENV), device), None
+    except InceptionWeightsMissing as e:
+        return None, str(e)
+
+
+def fidelity_or_reason(real: dict | None, fake: dict | None, cfg: EvalConfig) -> dict[str, Any]:
+    """FID / KID / IS from the Inception features (:func:`unigendet.fidelity.inception_features`, rows paired and in
+    record order) of the real and the generated images, or ``{"not_computed": why}``."""
+    from unigendet.fidelity import InceptionWeightsMissing, count, inception_weights, metrics_from_features
+
+    try:
+        inception_weights(cfg.inception_weights or os.environ.get(WEIGHTS_ENV))
     except InceptionWeightsMissing as e:
         log.warning("FID/KID/IS not computed: %s", e)
         return {"not_computed": str(e)}
-    if min(len(real), len(fake)) < 2:
-        return {"not_computed": f"FID needs >= 2 image pairs, have {min(len(real), len(fake))}"}
-    return fidelity_metrics(real, fake, weights, kid_subset_size=cfg.kid_subset_size)
+    n = min(count(real), count(fake))
+    if n < 2:
+        return {"not_computed": f"FID needs >= 2 image pairs, have {n}"}
+    return metrics_from_features(fake, real, kid_subset_size=cfg.kid_subset_size)
+
+
+def _save_pngs(images: list, index: list[int], prompts: list[str], seeds: list[int], folder: Path,
+               settings: dict | None = None) -> None:
+    """``folder/<index>.png`` for each image, its prompt, seed and sampler ``settings`` in the PNG's text chunks."""
+    from PIL.PngImagePlugin import PngInfo
+
+    for i, prompt, seed, img in zip(index, prompts, seeds, images, strict=True):
+        meta = PngInfo()
+        meta.add_text("prompt", prompt)
+        meta.add_text("seed", str(seed))
+        if settings is not None:
+            meta.add_text("unigendet", json.dumps({**settings, "seed": seed}))
+        img.save(folder / f"{i:05d}.png", pnginfo=meta)
+
+
+def generate_batches(engine, items: Iterable[tuple[int, Any, Any]], cfg: EvalConfig, *, extractor=None,
+                     png_dir: Path | None = None, detect: Callable[[list], Any] | None = None) -> dict[str, Any]:
+    """This rank's generation, batch by batch over (index, record, real image): the real images' Inception features,
+    then one image per caption (seed ``cfg.seed + index``), saved to ``png_dir/<index>.png``, its Inception features
+    and ``detect(images) -> p(fake)``. Only the per-image results are kept, no image outlives its batch.
+
+    Returns:
+        ``{"index", "prompt", "p_fake": lists, "real", "fake": feature dicts (empty without an extractor)}``.
+    """
+    from unigendet.fidelity import concat_features, inception_features
+
+    out: dict[str, Any] = {"index": [], "prompt": [], "p_fake": [], "real": [], "fake": []}
+    fc = engine.cfg.flow  # the sampler settings actually used (the model's defaults filled in), for the PNGs
+    settings = {"height": cfg.gen_px, "width": cfg.gen_px, "steps": cfg.gen_steps or fc.sample_steps,
+                "shift": fc.sample_shift, "cfg_scale": fc.cfg_scale if cfg.cfg_scale is None else cfg.cfg_scale,
+                "cfg_interval": list(fc.cfg_interval), "renorm_min": fc.cfg_renorm_min}
+    for chunk in Batches(items, cfg.batch_size):
+        index, prompts = [i for i, _, _ in chunk], [rec.prompt for _, rec, _ in chunk]
+        if extractor is not None:
+            out["real"].append(inception_features(extractor, [img for _, _, img in chunk]))
+        del chunk  # the real images
+        seeds = [cfg.seed + i for i in index]
+        images = engine.generate(prompts, height=cfg.gen_px, width=cfg.gen_px, steps=cfg.gen_steps,
+                                 cfg_scale=cfg.cfg_scale, seed=seeds)
+        if png_dir is not None:
+            _save_pngs(images, index, prompts, seeds, png_dir, settings)
+        if extractor is not None:
+            out["fake"].append(inception_features(extractor, images))
+        if detect is not None:
+            out["p_fake"] += [float(p) for p in detect(images)]
+        del images
+        out["index"] += index
+        out["prompt"] += prompts
+    out["real"], out["fake"] = concat_features(out["real"]), concat_features(out["fake"])
+    return out
 
 
 #####################################################################################################
@@ -183,28 +286,72 @@ def _first(records, limit: int | None):
     return list(records if limit is None else records[:limit])
 
 
-def _images(dm, split: str, records: list, skips: SkipCounter) -> list[tuple[int, Any, Any]]:
-    """(index, record, image) for this rank's records (every world-th); unreadable ones are counted in skips."""
+def _images(dm, split: str, records: list, skips: SkipCounter, progress: str | None = None
+            ) -> Iterator[tuple[int, Any, Any]]:
+    """(index, record, image) for this rank's records (every world-th), each image decoded only when it is asked
+    for; unreadable ones are counted in skips. ``progress``: a bar with this title on rank zero's stderr."""
     rank, size = world()
-    out = []
-    for index in range(rank, len(records), size):
+    indexes = range(rank, len(records), size)
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        indexes = tqdm(indexes, desc=progress, unit="image", file=sys.stderr, dynamic_ncols=True)
+    for index in indexes:
         img = dm.record_image(split, records[index], skips)
         if img is not None:
-            out.append((index, records[index], img))
-    return out
+            yield index, records[index], img
 
 
-def _summed(gathered: list[tuple[Any, dict[str, int]]]) -> dict[str, int]:
+def _summed(counts: Iterable[dict[str, int]]) -> dict[str, int]:
     """The skip counts of every rank, added up by reason."""
     total = SkipCounter()
-    for _, counts in gathered:
-        total.counts.update(counts)
+    for c in counts:
+        total.counts.update(c)
     return dict(total.counts)
 
 
-def run_protocol(engine, dm, cfg: EvalConfig, *, detect_images=None) -> dict[str, Any]:
+def _png_dir(dm, cfg: EvalConfig, out_dir) -> Path | None:
+    """Where this rank saves the generated PNGs: ``<out_dir or cfg.out_dir>/generated``; without either, the folder
+    ``LitUniGenDet.evaluate_protocol`` reports to (``<trainer.log_dir or default_root_dir>/eval``, asked of the
+    datamodule's trainer: a broadcast every rank makes), else a temporary folder :func:`write_report` empties."""
+    if not cfg.save_images:
+        return None
+    root = out_dir or cfg.out_dir
+    trainer = getattr(dm, "trainer", None)
+    if root is None and trainer is not None:
+        root = Path(trainer.log_dir or trainer.default_root_dir) / "eval"
+    if root is None:
+        return Path(tempfile.mkdtemp(prefix="unigendet-generated-"))
+    folder = Path(root) / "generated"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _by_index(parts: list[dict[str, Any]]) -> tuple[list[int], list[str], list[float], dict, dict]:
+    """Every rank's generation results merged in record order: index, prompt, p(fake), real and fake features."""
+    import torch
+
+    from unigendet.fidelity import concat_features, count
+
+    index = [i for p in parts for i in p["index"]]
+    order = sorted(range(len(index)), key=index.__getitem__)
+    prompts = [q for p in parts for q in p["prompt"]]
+    p_fake = [q for p in parts for q in p["p_fake"]]
+    real, fake = (concat_features(p[side] for p in parts) for side in ("real", "fake"))
+    perm = torch.tensor(order, dtype=torch.long)
+
+    def pick(features: dict) -> dict:  # features of every image (else some rank had no weights: left as they are)
+        return {k: v[perm] for k, v in features.items()} if count(features) == len(order) else features
+
+    return ([index[k] for k in order], [prompts[k] for k in order], [p_fake[k] for k in order] if p_fake else [],
+            pick(real), pick(fake))
+
+
+def run_protocol(engine, dm, cfg: EvalConfig, *, detect_images=None,
+                 out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Evaluate the engine's model on ``dm``'s ``cfg.split``. ``detect_images(images) -> p_fake`` (head only, as
-    the detection data presents images) scores the generated images; None: the engine's own detect."""
+    the detection data presents images) scores the generated images; None: the engine's own detect. ``out_dir``: the
+    report's folder, where the generated PNGs go (default: ``cfg.out_dir``, see :func:`_png_dir`)."""
     results: dict[str, Any] = {"settings": asdict(cfg)}
     rank, size = world()
     t0 = time.perf_counter()
@@ -213,48 +360,55 @@ def run_protocol(engine, dm, cfg: EvalConfig, *, detect_images=None) -> dict[str
         engine.vit_tf, engine.vae_tf = dm.vit_tf(), dm.vae_tf()  # as the test batches see the images
         records = _first(dm.split_records(cfg.split), cfg.max_images)
         skips = SkipCounter()
-        items = _images(dm, cfg.split, records, skips)
-        mine = detect_rows(engine, items, cfg, dm.with_vae)
+        title = "test: detect + explain" if cfg.explain else "test: detect"
+        mine = detect_rows(engine, _images(dm, cfg.split, records, skips, cfg.progress and title), cfg, dm.with_vae)
         gathered = gather_per_rank((mine, dict(skips.counts)))
         rows = sorted((r for part, _ in gathered for r in part), key=lambda r: r["index"])
-        results["detection"] = {**summarize_detection(rows), "records": len(records), "skipped": _summed(gathered),
-                                "with_vae": dm.with_vae}
+        results["detection"] = {**summarize_detection(rows), "records": len(records),
+                                "skipped": _summed(c for _, c in gathered), "with_vae": dm.with_vae}
     elif cfg.detection:
         results["detection"] = {"not_run": f"no detection {cfg.split} split in {type(dm).__name__}"}
     t2i = _t2i_side(dm)
-    fake_images: list = []
+    png_dirs: list[str] = []
     if cfg.generation and t2i is not None and getattr(t2i, cfg.split, None) is not None:
         records = _first(t2i.split_records(cfg.split), cfg.max_prompts)
         skips = SkipCounter()
-        items = _images(t2i, cfg.split, records, skips)
-        mine = []
-        for k in range(0, len(items), cfg.batch_size):
-            chunk = items[k: k + cfg.batch_size]
-            images = engine.generate([rec.prompt for _, rec, _ in chunk], height=cfg.gen_px, width=cfg.gen_px,
-                                     steps=cfg.gen_steps, cfg_scale=cfg.cfg_scale,
-                                     seed=[cfg.seed + index for index, _, _ in chunk])
-            mine += [(index, rec.prompt, real, fake) for (index, rec, real), fake in zip(chunk, images, strict=True)]
-        gathered = gather_per_rank((mine, dict(skips.counts)))
-        pairs = sorted((p for part, _ in gathered for p in part), key=lambda p: p[0])
-        fake_images = [p[3] for p in pairs]
-        gen: dict[str, Any] = {"n": len(pairs), "records": len(records), "skipped": _summed(gathered),
-                               "px": cfg.gen_px}
-        if pairs and hasattr(dm, "with_vae"):
-            p_fake = (detect_images(fake_images) if detect_images is not None else
-                      torch.tensor([d.p_fake for d in engine.detect(fake_images, explain=False,
-                                                                    with_vae=dm.with_vae)]))
-            gen["p_fake_mean"] = float(p_fake.float().mean())
-            gen["judged_fake"] = float((p_fake >= 0.5).float().mean())
-        fidelity = fidelity_or_reason([p[2] for p in pairs], fake_images, cfg) if rank == 0 else None
+        png_dir = _png_dir(dm, cfg, out_dir)
+        extractor, missing = inception_or_reason(cfg)
+        detect = None
+        if hasattr(dm, "with_vae"):
+            detect = detect_images or (lambda images: [d.p_fake for d in engine.detect(images, explain=False,
+                                                                                          with_vae=dm.with_vae)])
+        mine = generate_batches(engine, _images(t2i, cfg.split, records, skips, cfg.progress and "test: generate"),
+                                cfg, extractor=extractor,
+                                png_dir=png_dir, detect=detect)
+        del extractor
+        gathered = gather_per_rank((mine, dict(skips.counts), missing, None if png_dir is None else str(png_dir)))
+        index, prompts, p_fake, real, fake = _by_index([m for m, *_ in gathered])
+        png_dirs = sorted({d for *_, d in gathered if d is not None})
+        gen: dict[str, Any] = {"n": len(index), "records": len(records),
+                               "skipped": _summed(c for _, c, _, _ in gathered), "px": cfg.gen_px}
+        if p_fake:
+            gen["p_fake_mean"] = sum(p_fake) / len(p_fake)
+            gen["judged_fake"] = sum(p >= 0.5 for p in p_fake) / len(p_fake)
+        fidelity = None
+        if rank == 0:
+            lacking = [(r, why) for r, (_, _, why, _) in enumerate(gathered) if why is not None]
+            if lacking and missing is None:  # weights on rank 0 but not on another rank: features of part only
+                fidelity = {"not_computed": f"rank {lacking[0][0]}: {lacking[0][1]}"}
+            else:
+                fidelity = fidelity_or_reason(real, fake, cfg)
+        del gathered, real, fake
         gen["fidelity"] = gather_per_rank(fidelity)[0]
-        gen["prompts"] = [p[1] for p in pairs]
-        gen["seeds"] = [cfg.seed + p[0] for p in pairs]
+        gen["prompts"] = prompts
+        gen["seeds"] = [cfg.seed + i for i in index]
+        gen["files"] = [f"{i:05d}.png" for i in index] if png_dirs else []
         results["generation"] = gen
     elif cfg.generation:
         results["generation"] = {"not_run": f"no text-to-image {cfg.split} split in {type(dm).__name__}"}
     results["seconds"] = time.perf_counter() - t0
     results["world_size"] = size
-    results["_rows"], results["_images"] = rows, fake_images
+    results["_rows"], results["_png_dirs"] = rows, png_dirs
     return results
 
 
@@ -287,12 +441,45 @@ def _pct(x: float) -> str:
     return "n/a" if x != x else f"{100 * x:.1f}"
 
 
-def markdown(results: dict[str, Any]) -> str:
+FIGURES = (("roc.png", "ROC curve of the real/fake head (fake = positive)"),
+           ("confusion_matrix.png", "Confusion matrix of the real/fake head"),
+           ("per_category.png", "Head accuracy per category"))
+
+
+def detection_figures(rows: list[dict], det: dict[str, Any], out_dir: str | os.PathLike) -> list[tuple]:
+    """Draw :data:`FIGURES` of the detection rows into ``out_dir``: ``(file, title, None)`` for each one drawn,
+    ``(file, title, why)`` for each one that could not be (its stale file from an earlier report removed)."""
+    from unigendet import plots
+
+    draw = {"roc.png": lambda path: plots.roc_curve_png([r["p_fake"] for r in rows], [r["label"] for r in rows], path),
+            "confusion_matrix.png": lambda path: plots.confusion_matrix_png([r["head"] for r in rows],
+                                                                            [r["label"] for r in rows], path),
+            "per_category.png": lambda path: plots.per_category_png(det.get("per_category") or rows, path)}
+    out = []
+    for name, title in FIGURES:
+        path = Path(out_dir) / name
+        try:
+            draw[name](path)
+            out.append((name, title, None))
+        except Exception as e:  # a figure is never worth losing the report over
+            expected = isinstance(e, ValueError)  # the plots' own "cannot be drawn: why"
+            if not expected:
+                log.warning("evaluation figure %s not drawn", name, exc_info=True)
+            path.unlink(missing_ok=True)
+            out.append((name, title, str(e) if expected else f"{type(e).__name__}: {e}"))
+    return out
+
+
+def markdown(results: dict[str, Any], figures: list[tuple] | None = None) -> str:
+    """The report; ``figures``: :func:`detection_figures`' list, linked (or explained) under the detection tables."""
     s = results["settings"]
     lines = [f"# Evaluation on the `{s['split']}` split", ""]
     det = results.get("detection", {})
     if "not_run" in det:
         lines += [f"Detection: not run ({det['not_run']}).", ""]
+    elif det and not det.get("n"):
+        lines += [f"Detection: no readable image among {det.get('records', 0)} records "
+                  f"(skipped: {det.get('skipped') or 'none'}).", ""]
     elif det:
         lines += ["## Detection", "",
                   f"{det['n']} images ({det['n_fake']} fake, {det['n_real']} real) of {det['records']} records; "
@@ -315,6 +502,8 @@ def markdown(results: dict[str, Any]) -> str:
                 if explain:
                     row += f" {_pct(e['text_acc'])} | {_pct(e['rouge_l'])} | {_pct(e['css'])} |"
                 lines.append(row)
+        for name, title, why in figures or []:
+            lines += ["", f"![{title}]({name})" if why is None else f"{title}: not drawn ({why})."]
         lines.append("")
     gen = results.get("generation", {})
     if "not_run" in gen:
@@ -340,25 +529,30 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _collect_pngs(png_dirs: list[str], folder: Path) -> None:
+    """Move the PNGs that ranks saved elsewhere (a temporary folder) into ``folder``; those already there stay."""
+    for d in map(Path, png_dirs):
+        if not d.is_dir() or d.resolve() == folder.resolve():
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        for png in sorted(d.glob("*.png")):
+            shutil.move(str(png), folder / png.name)
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
 def write_report(results: dict[str, Any], out_dir: str | os.PathLike) -> Path:
-    """results.json, detections.jsonl, report.md and (``save_images``) generated/<i>.png under ``out_dir``."""
+    """results.json, detections.jsonl, report.md with its figures (roc.png, confusion_matrix.png, per_category.png)
+    and (``save_images``) the generated PNGs, which :func:`run_protocol` saved, under ``out_dir/generated``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     public = {k: v for k, v in results.items() if not k.startswith("_")}
     (out / "results.json").write_text(json.dumps(public, indent=2, default=str) + "\n")
+    rows = results.get("_rows", [])
     with open(out / "detections.jsonl", "w") as f:
-        for row in results.get("_rows", []):
+        for row in rows:
             f.write(json.dumps(row) + "\n")
-    (out / "report.md").write_text(markdown(public))
-    if results["settings"].get("save_images") and results.get("_images"):
-        folder = out / "generated"
-        folder.mkdir(exist_ok=True)
-        from PIL.PngImagePlugin import PngInfo
-
-        gen = results["generation"]
-        for i, (img, prompt, seed) in enumerate(zip(results["_images"], gen["prompts"], gen["seeds"], strict=True)):
-            meta = PngInfo()
-            meta.add_text("prompt", prompt)
-            meta.add_text("seed", str(seed))
-            img.save(folder / f"{i:05d}.png", pnginfo=meta)
+    figures = detection_figures(rows, public.get("detection", {}), out) if rows else None
+    (out / "report.md").write_text(markdown(public, figures))
+    _collect_pngs(results.get("_png_dirs", []), out / "generated")
     return out

@@ -14,23 +14,28 @@ Features:
   dict) in a cache folder next to it (``.fidelity_cache/``, else a per-user temp folder), named by the file's SHA-256;
   the cached file is validated like any other before its path is returned.
 * **One preprocessing for both sides** (METHOD.md section 6, "centre-cropped and resized to 299"): the largest centred
-  square, bicubic resize to 299, RGB, uint8 (:func:`fidelity_images`); converted lazily, one image at a time.
+  square, bicubic resize to 299, RGB, uint8 (:func:`fidelity_images`).
+* **Features batch by batch, never all the images**: torch-fidelity's own extractor (:func:`inception_extractor`)
+  turns each batch of images into pool features (2048) and unbiased logits (1008) (:func:`inception_features`,
+  :func:`stream_features` over any iterable); only those are kept (12 KB an image), and the metrics come from them with
+  torch-fidelity's own formulas, subset sampling and seeds (:func:`metrics_from_features`), so the numbers are the
+  ones ``torch_fidelity.calculate_metrics`` gives on the same images. Features of different ranks can be gathered and
+  concatenated (:func:`concat_features`) instead of the images.
 * **Small-sample safe**: ``kid_subset_size`` defaults to ``min(1000, n_real, n_fake)`` and ``isc_splits`` is clipped
   to half the number of fakes (a split of one image has IS = 1 whatever it shows); IS is computed on the generated
-  images. ``cache=False`` (no feature caches under the torch hub folder), no worker processes, quiet.
+  images. No feature caches, no worker processes, quiet.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
@@ -45,6 +50,8 @@ REQUIRED_KEYS = {
     "fc.weight": (1008, 2048),
     "fc.bias": (1008,),
 }
+FEATURE_EXTRACTOR = "inception-v3-compat"
+FID_LAYER, ISC_LAYER = "2048", "logits_unbiased"  # torch-fidelity's layers for FID and KID, and for IS
 METRIC_NAMES = {"frechet_inception_distance": "fid", "kernel_inception_distance_mean": "kid_mean",
                 "kernel_inception_distance_std": "kid_std", "inception_score_mean": "is_mean",
                 "inception_score_std": "is_std"}
@@ -167,48 +174,110 @@ def fidelity_images(images: list, size: int = 299) -> torch.Tensor:
     return torch.stack([_square(img, size) for img in images])
 
 
-class FidelityImages(Dataset):
-    """The torch-fidelity input: PIL images served as (3, 299, 299) uint8 tensors, converted on access."""
+########################################################################################################################
+# the features, batch by batch
+########################################################################################################################
+def inception_extractor(weights: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """torch-fidelity's ``FeatureExtractorInceptionV3`` (``inception-v3-compat``, the one ``calculate_metrics``
+    builds) giving the pool features (FID, KID) and the unbiased logits (IS), in eval mode on ``device``.
+    ``weights`` is checked with :func:`inception_weights` first."""
+    from torch_fidelity.utils import create_feature_extractor
 
-    def __init__(self, images: list, size: int = 299) -> None:
-        self.images, self.size = images, size
+    path = inception_weights(weights)
+    extractor = create_feature_extractor(FEATURE_EXTRACTOR, [FID_LAYER, ISC_LAYER], cuda=False,
+                                         feature_extractor_weights_path=str(path), verbose=False)
+    return extractor.to(device)
 
-    def __len__(self) -> int:
-        return len(self.images)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return _square(self.images[i], self.size)
+@torch.no_grad()
+def inception_features(extractor: torch.nn.Module, images: Sequence) -> dict[str, torch.Tensor]:
+    """One batch of PIL images -> ``{FID_LAYER: (N, 2048), ISC_LAYER: (N, 1008)}`` float32 on the CPU, as
+    torch-fidelity extracts them (our 299-px preprocessing, uint8, the extractor's own resize and scaling)."""
+    device = next(extractor.parameters()).device
+    out = extractor(fidelity_images(images).to(device))  # (N, 3, 299, 299) uint8 in
+    return {k: v.cpu() for k, v in extractor.convert_features_tuple_to_dict(out).items()}
+
+
+def concat_features(parts: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per-batch feature dicts -> one dict (rows in the order given); no parts -> empty (0, D) tensors."""
+    parts = [p for p in parts if p]
+    if not parts:
+        return {FID_LAYER: torch.zeros(0, 2048), ISC_LAYER: torch.zeros(0, 1008)}
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def count(features: dict[str, torch.Tensor] | None) -> int:
+    """The number of images behind a feature dict (0 for None or an empty one)."""
+    return len(next(iter(features.values()))) if features else 0
+
+
+def stream_features(extractor: torch.nn.Module, images: Iterable, batch_size: int = 32) -> dict[str, torch.Tensor]:
+    """The features of an iterable of PIL images (a list or a lazy generator), ``batch_size`` images at a time:
+    only the current batch's images are held here, only the feature vectors are kept."""
+    parts, batch = [], []
+    for img in images:
+        batch.append(img)
+        if len(batch) == batch_size:
+            parts.append(inception_features(extractor, batch))
+            batch = []
+    if batch:
+        parts.append(inception_features(extractor, batch))
+    return concat_features(parts)
 
 
 ########################################################################################################################
 # the metrics
 ########################################################################################################################
-def fidelity_metrics(real: list, fake: list, weights: str | os.PathLike, *, fid: bool = True, kid: bool = True,
-                     isc: bool = True, kid_subset_size: int | None = None, isc_splits: int = 10, batch_size: int = 32,
-                     device: str = "cpu") -> dict[str, float]:
-    """FID and KID of ``fake`` against ``real`` and the Inception Score of ``fake`` (PIL images, any sizes).
+def metrics_from_features(fake: dict[str, torch.Tensor], real: dict[str, torch.Tensor] | None = None, *,
+                          fid: bool = True, kid: bool = True, isc: bool = True, kid_subset_size: int | None = None,
+                          isc_splits: int = 10) -> dict[str, float]:
+    """FID and KID of ``fake`` against ``real`` and the Inception Score of ``fake``, from their Inception features
+    (:func:`inception_features`), with torch-fidelity's own formulas, subset sampling and seeds.
 
     Returns the requested ones of ``fid``, ``kid_mean``, ``kid_std``, ``is_mean``, ``is_std``, plus ``n_real`` and
-    ``n_fake``. ``weights`` is checked with :func:`inception_weights` first.
+    ``n_fake``. KID subsets and IS splits depend on the row order: keep it fixed (e.g. by record index).
     """
-    import torch_fidelity
+    from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+    from torch_fidelity.metric_kid import kid_featuresdict_to_metric
 
-    if len(fake) < 2 or ((fid or kid) and len(real) < 2):
-        raise ValueError(f"FID/KID/IS need at least 2 images on each side, got {len(real)} real and {len(fake)} fake")
-    path = inception_weights(weights)
-    dev = torch.device(device)
-    kwargs = dict(input1=FidelityImages(fake), fid=fid, kid=kid, isc=isc, batch_size=batch_size,
-                  cuda=dev.type == "cuda", feature_extractor="inception-v3-compat",
-                  feature_extractor_weights_path=str(path), cache=False, verbose=False, save_cpu_ram=True)
-    if fid or kid:
-        kwargs["input2"] = FidelityImages(real)
+    n_fake, n_real = count(fake), count(real)
+    if n_fake < 2 or ((fid or kid) and n_real < 2):
+        raise ValueError(f"FID/KID/IS need at least 2 images on each side, got {n_real} real and {n_fake} fake")
+    raw: dict[str, float] = {}
+    if isc:  # >= 2 images a split (1 gives IS = 1)
+        raw.update(isc_featuresdict_to_metric(fake, ISC_LAYER, isc_splits=max(1, min(isc_splits, n_fake // 2)),
+                                              verbose=False))
+    if fid:
+        raw.update(fid_statistics_to_metric(fid_featuresdict_to_statistics(fake, FID_LAYER),
+                                            fid_featuresdict_to_statistics(real, FID_LAYER), False))
     if kid:
-        kwargs["kid_subset_size"] = min(kid_subset_size or 1000, len(real), len(fake))
-    if isc:
-        kwargs["isc_splits"] = max(1, min(isc_splits, len(fake) // 2))  # >= 2 images a split (1 gives IS = 1)
-    with torch.cuda.device(dev) if dev.type == "cuda" and dev.index is not None else contextlib.nullcontext():
-        raw = torch_fidelity.calculate_metrics(**kwargs)
+        raw.update(kid_featuresdict_to_metric(fake, real, FID_LAYER, verbose=False,
+                                              kid_subset_size=min(kid_subset_size or 1000, n_real, n_fake)))
     out = {name: float(raw[k]) for k, name in METRIC_NAMES.items() if k in raw}
-    out.update(n_real=len(real), n_fake=len(fake))
+    out.update(n_real=n_real, n_fake=n_fake)
     return out
 
+
+def fidelity_metrics(real: Iterable, fake: Iterable, weights: str | os.PathLike, *, fid: bool = True,
+                     kid: bool = True, isc: bool = True, kid_subset_size: int | None = None, isc_splits: int = 10,
+                     batch_size: int = 32, device: str = "cpu") -> dict[str, float]:
+    """FID and KID of ``fake`` against ``real`` and the Inception Score of ``fake`` (PIL images, any sizes).
+
+    ``real`` and ``fake`` may be lists or lazy iterables (generators): they are consumed ``batch_size`` images at a
+    time and only the Inception features are kept. Returns the requested ones of ``fid``, ``kid_mean``, ``kid_std``,
+    ``is_mean``, ``is_std``, plus ``n_real`` and ``n_fake``. ``weights`` is checked with :func:`inception_weights`
+    first.
+    """
+    need_real = fid or kid
+    sizes = [len(x) if hasattr(x, "__len__") else None for x in (real, fake)]
+    if (sizes[1] is not None and sizes[1] < 2) or (need_real and sizes[0] is not None and sizes[0] < 2):
+        raise ValueError(f"FID/KID/IS need at least 2 images on each side, got {sizes[0]} real and {sizes[1]} fake")
+    extractor = inception_extractor(weights, device)
+    fake_features = stream_features(extractor, fake, batch_size)
+    real_features = stream_features(extractor, real, batch_size) if need_real else None
+    out = metrics_from_features(fake_features, real_features, fid=fid, kid=kid, isc=isc,
+                                kid_subset_size=kid_subset_size, isc_splits=isc_splits)
+    if not need_real:
+        out["n_real"] = sizes[0] if sizes[0] is not None else 0
+    return out

@@ -180,13 +180,9 @@ class Engine:
         cfg_scale = fc.cfg_scale if cfg_scale is None else cfg_scale
         cfg_interval = tuple(fc.cfg_interval if cfg_interval is None else cfg_interval)
         renorm_min = fc.cfg_renorm_min if renorm_min is None else renorm_min
+        self.cfg.check_image_size(height, width)
         unit = self.cfg.vae_pixels_per_token
-        if height % unit or width % unit:
-            raise ValueError(f"height and width must be multiples of {unit} px (one VAE token)")
         gh, gw = height // unit, width // unit
-        if max(gh, gw) > fc.max_latent_size:
-            raise ValueError(f"{height}x{width} px exceeds the latent position table "
-                             f"({fc.max_latent_size * unit} px per side)")
         B = len(prompts)
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(B)]
         dev, dim = self.device, self.cfg.latent_token_dim

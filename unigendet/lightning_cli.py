@@ -3,12 +3,14 @@
 Features:
 * configs stack left to right (``--config base.yaml --config gduf.yaml ...``); typed settings (``model_overrides``,
   ``data.gen``, ``model.loss`` ...) merge key by key, and a preset name is checked while the config is parsed;
-* errors are one line that names the program (``unigendet fit: error: ...``): parse errors, and configuration errors
-  raised while the model, data module and trainer are built (set ``JSONARGPARSE_DEBUG=1`` for the traceback);
+* errors are one line that names the program (``unigendet fit: error: ...``): parse errors, configuration errors
+  raised while the model, data module and trainer are built, and callbacks' ``check(model)`` of their settings
+  against the model (``JSONARGPARSE_DEBUG=true`` gives the traceback);
   errors during training keep their traceback;
 * :class:`RunConfig` writes each run's merged ``config.yaml`` into that run's own folder (the logger's run folder,
-  else ``<default_root_dir>/lightning_logs/<time>``), never over another run's, and gives it to W&B as the run
-  config, with ``val/acc``, ``val/auroc`` and ``val/f1`` summarised by their maximum (what a sweep optimises);
+  else ``<default_root_dir>/lightning_logs/<time>``), never over another run's, and gives it to every logger as the
+  run's hyperparameters (the W&B run config: ``model``, ``data``, ``trainer`` ...), with ``val/acc``, ``val/auroc``
+  and ``val/f1`` summarised in W&B by their maximum (what a sweep optimises);
 * a progress bar that counts training steps of ``max_steps`` (:class:`StepProgressBar`).
 """
 
@@ -17,7 +19,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from unigendet.runs import run_folder
 
 PROG = "unigendet"
 # W&B summaries: the best value of each, not the last (sweeps and run tables read the summary)
@@ -77,16 +80,6 @@ class ArgumentParser(LightningArgumentParser):
 #####################################################################################################
 
 
-def run_folder(trainer: L.Trainer) -> Path:
-    """Where this run's files go: the first logger's run folder (``save_dir/name/version``, where Lightning puts
-    checkpoints), else a new ``<default_root_dir>/lightning_logs/<time>`` folder. Call on rank zero."""
-    if trainer.loggers:
-        lg = trainer.loggers[0]
-        version = lg.version if isinstance(lg.version, str) else f"version_{lg.version}"
-        return Path(lg.save_dir or trainer.default_root_dir) / str(lg.name) / version
-    return Path(trainer.default_root_dir) / "lightning_logs" / time.strftime("%Y%m%d-%H%M%S")
-
-
 class RunConfig(SaveConfigCallback):
     """Saves the merged config as ``config.yaml`` in the run's own folder (:func:`run_folder`) and, with a
     WandbLogger, as the W&B run config (``model``, ``data``, ``trainer``, ... as in the file)."""
@@ -97,19 +90,18 @@ class RunConfig(SaveConfigCallback):
         self.path: Path | None = None
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        import yaml
         from lightning.pytorch.loggers import WandbLogger
 
         folder = run_folder(trainer)
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / self.config_filename
         self.parser.save(self.config, self.path, skip_none=False, overwrite=True, multifile=self.multifile)
-        for lg in trainer.loggers:
+        merged = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        for lg in trainer.loggers:  # instead of the module's hyperparameters (autolog is off, see UniGenDetCLI)
+            lg.log_hyperparams(merged)
             if isinstance(lg, WandbLogger):
-                import yaml
-
                 run = lg.experiment
-                run.config.update(yaml.safe_load(self.parser.dump(self.config, skip_none=False)),
-                                  allow_val_change=True)
                 for key, summary in WANDB_SUMMARIES.items():
                     run.define_metric(key, summary=summary, step_metric="trainer/global_step")
                 run_dir = Path(run.dir).parent  # .../wandb/<offline-run-...>/files -> the run's folder
@@ -174,6 +166,9 @@ class UniGenDetCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
+            for callback in self.trainer.callbacks:  # settings a callback can check against the model, now
+                if callable(getattr(callback, "check", None)):
+                    callback.check(self.model)
         except CONFIG_ERRORS as e:
             if _debug():
                 raise
@@ -181,6 +176,9 @@ class UniGenDetCLI(LightningCLI):
                                                 else str(e))
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> L.Trainer:
+        # RunConfig logs the whole merged config (model, data, trainer); Lightning's own logging of the module's
+        # hyperparameters would then overwrite its "model" section with the preset name
+        config["enable_autolog_hparams"] = False
         if config.get("enable_progress_bar") is not False and not any(
                 isinstance(c, ProgressBar) for c in [*(config.get("callbacks") or []), *callbacks]):
             callbacks = [*callbacks, StepProgressBar()]

@@ -171,6 +171,12 @@ class LitUniGenDet(L.LightningModule):
             self.cfg = UniGenDetConfig.from_bagel_dir(source).with_overrides(overrides)
         else:
             self.cfg = UniGenDetConfig.from_name(source, **overrides)
+        # settings that generate images are checked now, not when training first uses them
+        if self.sched.fresh_fakes_every:
+            px = self.sched.fresh_fake_px
+            self.cfg.check_image_size(px, px, what=f"schedule.fresh_fake_px={px}:")
+        if val_samples:
+            self.cfg.check_image_size(val_sample_px, val_sample_px, what=f"val_sample_px={val_sample_px}:")
         self.model: UniGenDet | None = None
         # the "frozen" teacher sits in a list, out of the module tree and the checkpoints: it is rebuilt from the
         # initial weights by configure_model; a "snapshot" teacher is the submodule ``teacher_net`` (checkpointed)
@@ -293,7 +299,7 @@ class LitUniGenDet(L.LightningModule):
                 params = [(f"_{side}_placeholder", torch.nn.Parameter(torch.zeros(1), requires_grad=False))]
             opt = build_optimizer(params, lr, self.optim_cfg)
             opts.append(opt)
-            scheds.append(build_scheduler(opt, self.optim_cfg, total))
+            scheds.append(build_scheduler(opt, self.optim_cfg, total, warn=not scheds))
         return opts, scheds
 
     # ----------------------------------------------------------------------------------------------
@@ -401,6 +407,7 @@ class LitUniGenDet(L.LightningModule):
         do_det = s.train_det and "det" in batch and step % s.det_every == 0
         do_gen = s.train_gen and "gen" in batch and step % s.gen_every == 0
         stepped = False
+        sides_stepped = set()
         if s.joint:
             losses = {**self.detection_losses(batch["det"]), **self.generation_losses(batch["gen"])}
             total = w.ce * losses["loss_ce"] + w.det * losses["loss_det"] + w.mse * losses["loss_mse"]
@@ -408,6 +415,7 @@ class LitUniGenDet(L.LightningModule):
                 self._update(opt_det, "joint", total, first=True)
                 self._update_step_only(opt_gen)
                 stepped = True
+                sides_stepped |= {"det", "gen"}
             logs.update({f"train/{k}": v.item() for k, v in losses.items() if not k.startswith("_")})
         else:
             if do_det:
@@ -421,6 +429,7 @@ class LitUniGenDet(L.LightningModule):
                 if self._check(losses, step):
                     self._update(opt_det, "det", total, first=not stepped)
                     stepped = True
+                    sides_stepped.add("det")
                 logs.update({f"train/{k}": v.item() for k, v in losses.items() if not k.startswith("_")})
             if do_gen:
                 losses = self.generation_losses(batch["gen"], batch.get("teacher"))
@@ -428,10 +437,14 @@ class LitUniGenDet(L.LightningModule):
                 if self._check(losses, step):
                     self._update(opt_gen, "gen", total, first=not stepped)
                     stepped = True
+                    sides_stepped.add("gen")
                 logs.update({f"train/{k}": v.item() for k, v in losses.items()})
         if stepped:
-            sch_det.step()
-            sch_gen.step()
+            # each side's LR schedule follows the training steps; a side whose optimiser has never stepped (a frozen
+            # side, e.g. the detector in the DIGA stage) keeps its schedule at the start, as torch requires
+            for side, sch in (("det", sch_det), ("gen", sch_gen)):
+                if side in sides_stepped or sch.last_epoch > 0:
+                    sch.step()
             if self.ema is not None:
                 self.ema.update(self.model)
         if s.diga and s.teacher == "snapshot" and step > 0 and step % s.teacher_refresh == 0:
@@ -555,8 +568,9 @@ class LitUniGenDet(L.LightningModule):
             self.save_val_samples()
 
     def save_val_samples(self) -> Path:
-        """A grid of images for fixed held-out (else training) captions and seeds, from the EMA weights."""
-        from PIL import Image
+        """A grid of images for fixed held-out (else training) captions and seeds, from the EMA weights, each
+        caption under its image."""
+        from unigendet.plots import caption_grid
 
         dm = self.trainer.datamodule
         gen_dm = getattr(dm, "gen_dm", dm)
@@ -565,9 +579,7 @@ class LitUniGenDet(L.LightningModule):
         px = self.hparams.val_sample_px
         images = self.generate_images([r.prompt for r in records], height=px, width=px,
                                       steps=self.hparams.val_sample_steps, seed=0, use_ema=True)
-        grid = Image.new("RGB", (px * len(images), px), "white")
-        for k, img in enumerate(images):
-            grid.paste(img, (k * px, 0))
+        grid = caption_grid(images, [r.prompt for r in records], n_cols=len(images))
         path = Path(self.trainer.default_root_dir) / "samples" / f"step_{self.global_step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)
@@ -593,19 +605,21 @@ class LitUniGenDet(L.LightningModule):
         (JSON, JSONL rows, Markdown, generated PNGs) and, with a W&B logger, a table of the rows."""
         from unigendet.evaluation import flat_metrics, run_protocol, write_report
         from unigendet.inference import Engine
+        from unigendet.runs import shared_run_folder
 
         dm = self.trainer.datamodule
+        # the run's folder (next to its config.yaml and checkpoints); a broadcast: every rank asks
+        out_dir = Path(self.eval_cfg.out_dir) if self.eval_cfg.out_dir else shared_run_folder(self.trainer) / "eval"
         was_training = self.model.training
         try:
             with gathered(self.model):  # ranks evaluate different images: no collectives inside forwards
                 engine = Engine(self.model, dm.tok)
-                results = run_protocol(engine, dm, self.eval_cfg,
+                results = run_protocol(engine, dm, self.eval_cfg, out_dir=out_dir,
                                        detect_images=lambda images: self.detect_images(images))
         finally:
             self.model.train(was_training)
-        root = self.trainer.log_dir or self.trainer.default_root_dir  # a broadcast: every rank must ask
         if self.trainer.is_global_zero:
-            out = write_report(results, self.eval_cfg.out_dir or Path(root) / "eval")
+            out = write_report(results, out_dir)
             log.info("evaluation report: %s", out / "report.md")
             rows = results["_rows"]
             for lg in self.loggers:
@@ -671,6 +685,9 @@ class LitUniGenDet(L.LightningModule):
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:  # the default: make checkpoint writes atomic
             strategy.checkpoint_io = AtomicCheckpointIO()
+        if stage == "test" and self.eval_cfg.generation:
+            px = self.eval_cfg.gen_px
+            self.cfg.check_image_size(px, px, what=f"evaluation.gen_px={px}:")
         self.configure_model()
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "connect") and getattr(dm, "cfg", None) is None:

@@ -19,21 +19,27 @@ from typing import NamedTuple
 
 class Noise(NamedTuple):
     message: str  # a regex matched at the start of the message
-    source: str
+    source: str  # the package whose code prints it
     why: str
     category: type[Warning] = UserWarning
+    printed_as: str | None = None  # how the text appears in that code when it is built at run time
 
 
 WARNINGS: list[Noise] = [
     Noise(r"LightningCLI's args parameter is intended to run from within Python", "lightning.pytorch.cli",
           "`unigendet` hands its argv to LightningCLI and must leave sys.argv as it is: Lightning's subprocess "
           "launcher re-executes sys.argv to start ranks 1..N-1"),
-    Noise(r"'set_vital' is deprecated", "torchdata.stateful_dataloader",
-          "torchdata 0.11's StatefulDataLoader calls a torch API that torch 2.9+ deprecates; nothing to change here"),
-    Noise(r"`isinstance\(treespec, LeafSpec\)` is deprecated", "lightning.pytorch.utilities._pytree",
-          "Lightning's own use of a torch API that newer torch deprecates", FutureWarning),
+    Noise(r"'set_vital' is deprecated", "torch",
+          "torchdata 0.11's StatefulDataLoader calls torch.set_vital, which torch deprecates; nothing to change here",
+          printed_as="is deprecated, please do not call"),
+    Noise(r"`isinstance\(treespec, LeafSpec\)` is deprecated", "torch",
+          "Lightning's _pytree helper uses a torch API that newer torch deprecates", FutureWarning),
     Noise(r"Your `IterableDataset` has `__len__` defined", "lightning.pytorch.utilities.data",
           "generic advice; our streams shard records by (rank, loader worker), so their length is exact"),
+    Noise(r"Length of IterableDataset <data_modules\.", "torch",
+          "after a resume at the end of a loader epoch, StatefulDataLoader counts the restored epoch's batches into "
+          "the next one; the data positions are our streams' own and a resume repeats the uninterrupted run "
+          "exactly (tests/test_resume.py)", printed_as="was reported to be"),
     Noise(r"Using ModelCheckpoint with manual optimization and every_n_train_steps", "lightning.pytorch.callbacks",
           "a checkpoint after the step's updates is exactly what exact resume needs (tests/test_resume.py)"),
     Noise(r"The `srun` command is available on your system but is not used", "lightning.fabric.plugins",

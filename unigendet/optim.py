@@ -220,10 +220,7 @@ def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], lr: float,
 #####################################################################################################
 
 
-_WARNED: set[tuple[int, int]] = set()
-
-
-def effective_warmup(warmup_steps: int, total_steps: int) -> int:
+def effective_warmup(warmup_steps: int, total_steps: int, warn: bool = True) -> int:
     """The warm-up actually used: ``warmup_steps``, capped at ``total_steps // 2`` with a warning.
 
     Raises:
@@ -235,16 +232,15 @@ def effective_warmup(warmup_steps: int, total_steps: int) -> int:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
     cap = total_steps // 2
     if warmup_steps > cap:
-        if (warmup_steps, total_steps) in _WARNED:  # the two optimisers share the setting: say it once
+        if not warn:
             return cap
-        _WARNED.add((warmup_steps, total_steps))
         log.warning("warmup_steps=%d exceeds half of the %d-step run; warming up for %d steps instead",
                     warmup_steps, total_steps, cap)
         return cap
     return warmup_steps
 
 
-def lr_lambda(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
+def lr_lambda(cfg: OptimConfig, total_steps: int, warn: bool = True) -> Callable[[int], float]:
     """The learning-rate multiplier for ``LambdaLR``, as a function of the step (0-based).
 
     With ``w = effective_warmup(cfg.warmup_steps, total_steps)``: ``(step + 1) / (w + 1)`` for ``step < w`` (from
@@ -252,7 +248,7 @@ def lr_lambda(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
     [0, 1] and ``r = cfg.min_lr_ratio``: 1 (constant), ``r + (1 - r) * (1 + cos(pi * p)) / 2`` (cosine) or
     ``1 - (1 - r) * p`` (linear). The decay reaches ``r`` at ``total_steps`` and stays there.
     """
-    warmup = effective_warmup(cfg.warmup_steps, total_steps)
+    warmup = effective_warmup(cfg.warmup_steps, total_steps, warn)
     decay_steps = total_steps - warmup  # >= 1 since warmup <= total_steps // 2
     schedule, ratio = cfg.schedule, cfg.min_lr_ratio
 
@@ -269,7 +265,9 @@ def lr_lambda(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
     return multiplier
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> LambdaLR:
-    """A ``LambdaLR`` over every group of ``optimizer`` with ``lr_lambda(cfg, total_steps)``; step it per
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int,
+                    warn: bool = True) -> LambdaLR:
+    """A ``LambdaLR`` over every group of ``optimizer`` with ``lr_lambda(cfg, total_steps)`` (``warn``: log a capped
+    warm-up; the module's second optimiser shares the setting and stays quiet); step it per
     optimiser step."""
-    return LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    return LambdaLR(optimizer, lr_lambda(cfg, total_steps, warn))

@@ -6,6 +6,7 @@
   so a machine without credentials never stops to ask for them;
 * the run files go under ``save_dir`` (``runs`` by default, next to the checkpoints), the project defaults to
   ``unigendet`` (``WANDB_PROJECT`` overrides it);
+* ``version`` (the W&B run id) defaults to ``WANDB_RUN_ID``; the run folder is ``<save_dir>/<project>/<run id>``;
 * no ``anonymous`` argument reaches ``wandb.init`` unless it is asked for (W&B deprecated the setting).
 """
 
@@ -50,6 +51,9 @@ class WandbLogger(_LightningWandbLogger):
         self.requested_offline = offline
         offline = wants_offline() if offline is None else offline
         project = project or os.environ.get("WANDB_PROJECT") or "unigendet"
+        # a run id fixed by the environment (the sbatch templates: one per Slurm job, kept across requeues) is the
+        # version from the start, so the run folder and `--ckpt_path last` are known before wandb.init
+        version = version or os.environ.get("WANDB_RUN_ID") or None
         super().__init__(name=name, save_dir=save_dir, version=version, offline=offline, project=project,
                          log_model=log_model, **kwargs)
         if self._wandb_init.get("anonymous") is None:

@@ -228,6 +228,22 @@ class UniGenDetConfig:
         """Side in pixels covered by one VAE token (16 for BAGEL)."""
         return self.flow.latent_patch_size * self.vae.downsample
 
+    @property
+    def max_image_side(self) -> int:
+        """The largest image side, in pixels, the model can generate (its latent position table)."""
+        return self.flow.max_latent_size * self.vae_pixels_per_token
+
+    def check_image_size(self, height: int, width: int, what: str = "image size") -> None:
+        """ValueError unless the model can generate ``height`` x ``width`` px: multiples of one latent token's side,
+        at most :attr:`max_image_side` per side."""
+        unit = self.vae_pixels_per_token
+        if height % unit or width % unit:
+            raise ValueError(f"{what} {height}x{width} px: height and width must be multiples of {unit} px (one "
+                             "latent token)")
+        if max(height, width) > self.max_image_side:
+            raise ValueError(f"{what} {height}x{width} px exceeds what the {self.name} model generates: at most "
+                             f"{self.max_image_side} px per side")
+
     # ----------------------------------------------------------------------------------------------
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> UniGenDetConfig:
