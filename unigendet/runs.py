@@ -12,7 +12,6 @@ from pathlib import Path
 
 import lightning as L
 
-
 _FOLDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # trainer -> its folder, once chosen
 
 
