@@ -197,7 +197,7 @@ def run_config(corpus: str, paths: dict, preset: str, side: str, workers: int, a
     el = m["elapsed_s"]
     row = {"bench": "data_pipeline", "corpus": corpus, "preset": preset, "side": side, "workers": workers,
            "token_budget": budget, "batches": m["batches"], "samples": m["samples"], "tokens": m["tokens"],
-           "elapsed_s": round(el, 3), "samples_per_s": round(m["samples"] / el, 2),
+           "elapsed_s": round(el, 6), "samples_per_s": round(m["samples"] / el, 2),
            "tokens_per_s": round(m["tokens"] / el), "tokens_per_batch": round(m["tokens"] / max(1, m["batches"])),
            "batch_ms_median": round(m["batch_ms_median"], 1) if m["batch_ms_median"] is not None else None}
     if workers > 0:

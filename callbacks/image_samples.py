@@ -14,6 +14,8 @@ Features:
 * **The co-evolution in one view**: p(fake) is the detection head's verdict
   (:meth:`LitUniGenDet.detect_images`) on the very images logged, from the same weights (EMA by default). Without a
   detection side in the datamodule (no ``with_vae``), p(fake) is skipped with one notice.
+* **Size** ``px`` x ``px``; ``px=None``: the model's largest side, at most 512 (``experiments/base.yaml``). A size the
+  model cannot generate is an error when the run is built (``check``), not at the first validation.
 * **When**: at the end of every validation (not the sanity check) with ``on_validation``, and/or after every
   ``every_n_steps`` training steps; at most once per training step.
 * **Rank zero only**: other ranks do nothing, except under FSDP2, where every rank must take part in the parameter
@@ -34,6 +36,7 @@ from callbacks.wandb_only import PeriodicWandbCallback
 from unigendet.plots import caption_grid
 
 log = logging.getLogger("unigendet.callbacks")
+AUTO_PX = 512  # px=None: the model's largest side, at most this
 
 
 def tile(images: list, n_cols: int):
@@ -56,12 +59,12 @@ def first_captions(dm, n: int) -> list[str]:
 
 
 class ImageSamples(PeriodicWandbCallback):
-    def __init__(self, prompts: list[str] | None = None, n_prompts: int = 8, px: int = 64, steps: int = 25,
+    def __init__(self, prompts: list[str] | None = None, n_prompts: int = 8, px: int | None = 64, steps: int = 25,
                  cfg_scale: float | None = None, seed: int = 0, every_n_steps: int = 0, on_validation: bool = True,
                  use_ema: bool = True, n_cols: int = 8, key: str = "samples", save_dir: str | None = None) -> None:
         if prompts is not None and not prompts:
             raise ValueError("prompts must be None or a non-empty list")
-        if n_prompts < 1 or n_cols < 1 or px < 1 or steps < 1:
+        if n_prompts < 1 or n_cols < 1 or (px is not None and px < 1) or steps < 1:
             raise ValueError(f"n_prompts, n_cols, px and steps must be >= 1, got {n_prompts}, {n_cols}, {px}, {steps}")
         if every_n_steps < 0:
             raise ValueError(f"every_n_steps must be >= 0 (0: off), got {every_n_steps}")
@@ -73,8 +76,11 @@ class ImageSamples(PeriodicWandbCallback):
         self._warned_no_detector = False
 
     def check(self, pl_module: L.LightningModule) -> None:
-        """ValueError when the model cannot generate ``px`` x ``px`` images (the CLI calls this as it builds the
-        run; ``setup`` again before any training)."""
+        """``px=None`` becomes the largest side the model generates, at most :data:`AUTO_PX`; a ValueError when the
+        model cannot generate ``px`` x ``px`` images (the CLI calls this as it builds the run, ``setup`` again before
+        any training)."""
+        if self.px is None:
+            self.px = min(AUTO_PX, pl_module.cfg.max_image_side)
         pl_module.cfg.check_image_size(self.px, self.px, what=f"ImageSamples px={self.px}:")
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

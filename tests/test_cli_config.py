@@ -116,7 +116,7 @@ def test_errors_raised_while_building_are_one_line_too():
                            "--trainer.logger=false"], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
     assert proc.returncode == 2
-    err = [line for line in proc.stderr.strip().splitlines() if "Seed set" not in line]
+    err = [line for line in proc.stderr.strip().splitlines() if not line.startswith(("Seed set", "GPU", "TPU"))]
     assert err == ["unigendet fit: error: teacher must be 'frozen' or 'snapshot', got 'bad'"]
 
 
@@ -328,6 +328,23 @@ def test_a_callback_setting_the_model_cannot_honour_fails_before_training(tmp_pa
                            "--data.train=nowhere.json"], cwd=tmp_path, env=environment(tmp_path),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    err = [line for line in proc.stderr.strip().splitlines() if "Seed set" not in line]
+    err = [line for line in proc.stderr.strip().splitlines() if not line.startswith(("Seed set", "GPU", "TPU"))]
     assert err == ["unigendet fit: error: ImageSamples px=256: 256x256 px exceeds what the demo model generates: "
                    "at most 128 px per side"], proc.stderr
+
+
+def test_image_samples_px_none_is_the_models_largest_side_up_to_512():
+    from callbacks import ImageSamples
+    from unigendet.lit_module import LitUniGenDet
+
+    demo = LitUniGenDet(model="demo")  # 8 px per latent token, 16 of them: 128 px
+    cb = ImageSamples(px=None)
+    cb.check(demo)
+    assert cb.px == 128
+    cb = ImageSamples(px=None)
+    cb.check(LitUniGenDet(model="demo", model_overrides={"flow": {"max_latent_size": 128}}))
+    assert cb.px == 512
+    with pytest.raises(ValueError, match="ImageSamples px=136: 136x136 px exceeds"):
+        ImageSamples(px=136).check(demo)
+    with pytest.raises(ValueError, match="multiples of 8 px"):
+        ImageSamples(px=100).check(demo)

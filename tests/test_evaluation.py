@@ -411,8 +411,10 @@ def test_protocol_holds_one_batch_of_images_not_all_of_them(stand_in_inception, 
     assert [p.name for p in pngs] == gen["files"] == [f"{s - 10:05d}.png" for s in gen["seeds"]]
     for p, img, prompt, seed in zip(pngs, exp["fake"], gen["prompts"], gen["seeds"], strict=True):
         saved = Image.open(p)
-        assert np.array_equal(np.asarray(saved), np.asarray(img)) and saved.text == {"prompt": prompt,
-                                                                                     "seed": str(seed)}
+        assert np.array_equal(np.asarray(saved), np.asarray(img))
+        assert {k: saved.text[k] for k in ("prompt", "seed")} == {"prompt": prompt, "seed": str(seed)}
+        settings = json.loads(saved.text["unigendet"])  # the sampler settings actually used, defaults filled in
+        assert settings["seed"] == seed and settings["steps"] == 50 and settings["cfg_scale"] == 4.0
     out = write_report(results, tmp_path / "eval")
     report = (out / "report.md").read_text()
     for name in ("roc.png", "confusion_matrix.png", "per_category.png"):
