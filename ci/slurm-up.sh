@@ -10,7 +10,7 @@
 #   * proctrack/pgid: a job's whole process group dies with it; no accounting DB (sacct does not work)
 #   * returns only once the node is `idle`; prints the daemons' pids (pid files under /var/run/slurm)
 # Environment: SLURM_CPUS (default nproc), SLURM_MEM_MB (1000), SLURM_CRED_EXPIRE (10, >= 5), SLURM_GPUS (0): the
-# node declares that many count-only GPUs (no device files) and SLURM_CPUS may exceed nproc, so that GPU-node job
+# node declares that many GPUs (plain files stand in for their device files) and SLURM_CPUS may exceed nproc, so that GPU-node job
 # scripts (e.g. experiments/slurm/*.sbatch: --gpus-per-node=8 --ntasks-per-node=8) are accepted on a CPU machine.
 # Stop with ci/slurm-down.sh.
 set -euo pipefail
@@ -110,7 +110,9 @@ NodeName=localhost NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${mem} ${node_gres
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
 if [ "$gpus" -gt 0 ]; then
-  echo "NodeName=localhost Name=gpu Count=${gpus}" > /etc/slurm/gres.conf
+  # slurmd counts a GPU per device file; plain files stand in for /dev/nvidiaN (nothing opens them)
+  for i in $(seq 0 $((gpus - 1))); do : > "${run}/fake-gpu${i}"; done
+  echo "NodeName=localhost Name=gpu File=${run}/fake-gpu[0-$((gpus - 1))]" > /etc/slurm/gres.conf
 else
   rm -f /etc/slurm/gres.conf
 fi

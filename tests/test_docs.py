@@ -443,6 +443,10 @@ def run_sbatch(cmd: Command, ws: Path) -> None:
     state, log = wait_for_job(job, ws / "logs", timeout=1200)
     assert state["JobState"] == "COMPLETED", log[-6000:]
     assert "`Trainer.fit` stopped: `max_steps=2` reached." in log
+    # one rank per declared GPU, sharded: the checkpoint is a distributed (FSDP2) folder in the job's W&B run folder
+    assert "All distributed processes registered. Starting with 8 processes" in log, log[-4000:]
+    ckpt = ws / "runs" / "unigendet" / f"slurm-{job}" / "checkpoints" / "last.ckpt"
+    assert (ckpt / "meta.pt").is_file() and len(list(ckpt.glob("*.distcp"))) == 8
 
 
 @pytest.mark.parametrize("cmd", params())

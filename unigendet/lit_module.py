@@ -299,7 +299,8 @@ class LitUniGenDet(L.LightningModule):
                 params = [(f"_{side}_placeholder", torch.nn.Parameter(torch.zeros(1), requires_grad=False))]
             opt = build_optimizer(params, lr, self.optim_cfg)
             opts.append(opt)
-            scheds.append(build_scheduler(opt, self.optim_cfg, total, warn=not scheds))
+            scheds.append(build_scheduler(opt, self.optim_cfg, total,
+                                          warn=not scheds and self.trainer.is_global_zero))
         return opts, scheds
 
     # ----------------------------------------------------------------------------------------------
