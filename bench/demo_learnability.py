@@ -7,8 +7,9 @@ what the full model can reach in the demo's time.
 * ``cnn``: 4 conv layers (32/32/64/64 channels, one stride 2), global average pool, linear; random 32x32 crops,
   batches of 64 (the cheapest detector that sees local traces);
 * ``vit``: the ``demo`` preset's own ViT (3 layers, width 96, patch 8) on whole images through the real
-  DetectionDataModule (packed, token budget 2048, no VAE split), mean-pooled into a LayerNorm + linear head: the
-  full model's image encoder without the decoder in between.
+  DetectionDataModule (packed, token budget 2048, no VAE split, labels balanced), pooled over each image's tokens
+  (``--pool mean``, ``max``, or ``attn``: a learned 4-head attention pooling) into a LayerNorm + linear head: the full
+  model's image encoder without the decoder in between. ``--families real,gan_upsample`` keeps only those ``cate``.
 
 Prints held-out (val) accuracy, overall and per family, every ``--every`` steps, with the wall time.
 """
@@ -71,7 +72,8 @@ def run_cnn(corpus: Path, steps: int, every: int, crop: int = 32, batch: int = 6
             report(step, t0, [p == int(y) for p, y in zip(pred, y_va, strict=True)], c_va)
 
 
-def run_vit(corpus: Path, steps: int, every: int, lr: float = 1e-3) -> None:
+def run_vit(corpus: Path, steps: int, every: int, lr: float = 1e-3, pool: str = "mean",
+            families: list[str] | None = None) -> None:
     from data_modules.detection import DetectionDataModule
     from unigendet.model.config import UniGenDetConfig
     from unigendet.model.unigendet import UniGenDet
@@ -82,16 +84,25 @@ def run_vit(corpus: Path, steps: int, every: int, lr: float = 1e-3) -> None:
     det = corpus / "detection"
     dm = DetectionDataModule(train=str(det / "train.json"), val=str(det / "val.json"),
                              tokenizer=str(corpus / "tokenizer.json"), token_budget=2048, num_workers=1,
-                             with_vae=False).connect(cfg)
+                             with_vae=False, categories=families, balance_labels=True).connect(cfg)
     dm.setup("fit")
     val_recs = json.loads((det / "val.json").read_text())
     head = nn.Sequential(nn.LayerNorm(cfg.vit.dim), nn.Linear(cfg.vit.dim, 2))
-    params = [*model.vit.parameters(), *head.parameters()]
+    scores = nn.Linear(cfg.vit.dim, 4)  # attention pooling: 4 heads of dim/4 features each
+    params = [*model.vit.parameters(), *head.parameters(), *scores.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+
+    def pooled(f: torch.Tensor) -> torch.Tensor:  # (n_tokens, dim) -> (dim,)
+        if pool == "max":
+            return f.max(0).values
+        if pool == "attn":
+            w = scores(f).softmax(0)  # (n, 4)
+            return (w.repeat_interleave(f.shape[-1] // 4, dim=1) * f).sum(0)
+        return f.mean(0)
 
     def logits(b):
         feats = model.vit(b.vit_tokens, b.vit_position_ids, b.vit_seqlens, backend="sdpa")
-        return head(torch.stack([f.mean(0) for f in feats.split(b.vit_seqlens.tolist())]))
+        return head(torch.stack([pooled(f) for f in feats.split(b.vit_seqlens.tolist())]))
 
     def batches():
         while True:
@@ -119,10 +130,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--every", type=int, default=250)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-3, help="vit only")
+    p.add_argument("--pool", choices=["mean", "max", "attn"], default="mean", help="vit only")
+    p.add_argument("--families", help="vit only: comma-separated cate values to keep, e.g. real,gan_upsample")
     args = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    (run_cnn if args.model == "cnn" else run_vit)(args.corpus, args.steps, args.every)
+    if args.model == "cnn":
+        run_cnn(args.corpus, args.steps, args.every)
+    else:
+        run_vit(args.corpus, args.steps, args.every, lr=args.lr, pool=args.pool,
+                families=args.families.split(",") if args.families else None)
 
 
 if __name__ == "__main__":
