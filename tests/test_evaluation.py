@@ -509,20 +509,29 @@ def test_a_figure_that_cannot_be_drawn_is_explained_in_the_report(tmp_path):
 
 
 def test_generated_pngs_go_where_the_report_will_be(tmp_path):
-    """out_dir, else cfg.out_dir, else the folder LitUniGenDet.evaluate_protocol reports to (the datamodule's
-    trainer: log_dir, else default_root_dir, + /eval), else a temporary folder; nothing without save_images."""
+    """out_dir, else cfg.out_dir, else the folder LitUniGenDet.evaluate_protocol reports to (report_dir: the run's
+    folder of the datamodule's trainer, <save_dir>/<name>/<version> of its logger, else
+    <default_root_dir>/lightning_logs/<time>, + /eval), else a temporary folder; nothing without save_images."""
     from types import SimpleNamespace
 
-    from unigendet.evaluation import _png_dir
+    from unigendet.evaluation import _png_dir, report_dir
 
-    trainer = SimpleNamespace(log_dir=str(tmp_path / "logs"), default_root_dir=str(tmp_path / "root"))
+    class Trainer(SimpleNamespace):  # what unigendet.runs asks of a trainer 
+        is_global_zero = True
+        strategy = SimpleNamespace(broadcast=lambda obj, src=0: obj)
+        __hash__ = object.__hash__  # runs keys its cache by the trainer object
+
+    logger = SimpleNamespace(save_dir=str(tmp_path / "logs"), name="proj", version="run1")
+    trainer = Trainer(loggers=[logger], default_root_dir=str(tmp_path / "root"))
     dm = SimpleNamespace(trainer=trainer)
     assert _png_dir(dm, EvalConfig(out_dir=str(tmp_path / "cfg")), tmp_path / "arg") == tmp_path / "arg/generated"
     assert _png_dir(dm, EvalConfig(out_dir=str(tmp_path / "cfg")), None) == tmp_path / "cfg/generated"
-    assert _png_dir(dm, EvalConfig(), None) == tmp_path / "logs/eval/generated"
-    trainer.log_dir = None
-    assert _png_dir(dm, EvalConfig(), None) == tmp_path / "root/eval/generated"
-    assert (tmp_path / "root/eval/generated").is_dir()
+    assert _png_dir(dm, EvalConfig(), None) == tmp_path / "logs/proj/run1/eval/generated"
+    assert report_dir(EvalConfig(), trainer) == tmp_path / "logs/proj/run1/eval"
+    dm = SimpleNamespace(trainer=Trainer(loggers=[], default_root_dir=str(tmp_path / "root")))
+    png = _png_dir(dm, EvalConfig(), None)
+    assert png.parent.parent.parent == tmp_path / "root/lightning_logs" and png.is_dir()
+    assert png == report_dir(EvalConfig(), dm.trainer) / "generated"  # the same run folder, asked twice
     spool = _png_dir(SimpleNamespace(), EvalConfig(), None)
     assert spool.is_dir() and tmp_path not in spool.parents
     spool.rmdir()

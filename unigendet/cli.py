@@ -183,12 +183,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = _pipeline(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    fc = pipe.model.cfg.flow  # the settings actually used, the model's defaults filled in (recorded in each PNG)
-    settings = {"height": args.height, "width": args.width, "steps": args.steps or fc.sample_steps,
-                "shift": args.shift or fc.sample_shift,
-                "cfg_scale": fc.cfg_scale if args.cfg_scale is None else args.cfg_scale,
-                "cfg_interval": list(fc.cfg_interval if args.cfg_interval is None else args.cfg_interval),
-                "renorm_min": fc.cfg_renorm_min if args.renorm_min is None else args.renorm_min}
+    # the settings actually used, the model's defaults filled in (recorded in each PNG)
+    settings = {"height": args.height, "width": args.width,
+                **pipe.model.cfg.flow.sampler_settings(args.steps, args.shift, args.cfg_scale, args.cfg_interval,
+                                                       args.renorm_min)}
     chunks = [list(range(i, min(i + args.batch_size, len(prompts)))) for i in range(0, len(prompts), args.batch_size)]
     for idx in _progress(chunks, len(chunks) > 1 and not args.no_progress, "batch"):
         seeds = [args.seed + i for i in idx]

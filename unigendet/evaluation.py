@@ -247,10 +247,9 @@ def generate_batches(engine, items: Iterable[tuple[int, Any, Any]], cfg: EvalCon
     from unigendet.fidelity import concat_features, inception_features
 
     out: dict[str, Any] = {"index": [], "prompt": [], "p_fake": [], "real": [], "fake": []}
-    fc = engine.cfg.flow  # the sampler settings actually used (the model's defaults filled in), for the PNGs
-    settings = {"height": cfg.gen_px, "width": cfg.gen_px, "steps": cfg.gen_steps or fc.sample_steps,
-                "shift": fc.sample_shift, "cfg_scale": fc.cfg_scale if cfg.cfg_scale is None else cfg.cfg_scale,
-                "cfg_interval": list(fc.cfg_interval), "renorm_min": fc.cfg_renorm_min}
+    # the sampler settings actually used (the model's defaults filled in), for the PNGs
+    settings = {"height": cfg.gen_px, "width": cfg.gen_px,
+                **engine.cfg.flow.sampler_settings(cfg.gen_steps, cfg_scale=cfg.cfg_scale)}
     for chunk in Batches(items, cfg.batch_size):
         index, prompts = [i for i, _, _ in chunk], [rec.prompt for _, rec, _ in chunk]
         if extractor is not None:
@@ -310,16 +309,21 @@ def _summed(counts: Iterable[dict[str, int]]) -> dict[str, int]:
     return dict(total.counts)
 
 
+def report_dir(cfg: EvalConfig, trainer) -> Path:
+    """Where ``unigendet test`` reports: ``cfg.out_dir``, else ``<the run's folder>/eval``, next to the run's
+    ``config.yaml`` and checkpoints (:func:`unigendet.runs.shared_run_folder`: a broadcast, every rank calls it)."""
+    from unigendet.runs import shared_run_folder
+
+    return Path(cfg.out_dir) if cfg.out_dir else shared_run_folder(trainer) / "eval"
+
+
 def _png_dir(dm, cfg: EvalConfig, out_dir) -> Path | None:
-    """Where this rank saves the generated PNGs: ``<out_dir or cfg.out_dir>/generated``; without either, the folder
-    ``LitUniGenDet.evaluate_protocol`` reports to (``<trainer.log_dir or default_root_dir>/eval``, asked of the
-    datamodule's trainer: a broadcast every rank makes), else a temporary folder :func:`write_report` empties."""
+    """Where this rank saves the generated PNGs: ``<out_dir>/generated``; without it, under the folder the report goes
+    to (:func:`report_dir`, of the datamodule's trainer), else a temporary folder :func:`write_report` empties."""
     if not cfg.save_images:
         return None
-    root = out_dir or cfg.out_dir
     trainer = getattr(dm, "trainer", None)
-    if root is None and trainer is not None:
-        root = Path(trainer.log_dir or trainer.default_root_dir) / "eval"
+    root = out_dir or (report_dir(cfg, trainer) if trainer is not None else cfg.out_dir)
     if root is None:
         return Path(tempfile.mkdtemp(prefix="unigendet-generated-"))
     folder = Path(root) / "generated"

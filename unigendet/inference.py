@@ -176,10 +176,7 @@ class Engine:
                          seed: int | list[int] = 0, use_cache: bool = True) -> tuple[Tensor, tuple[int, int]]:
         """Euler-sample latent tokens: (B, h*w, p*p*z) and the token grid (h, w)."""
         fc = self.cfg.flow
-        steps, shift = steps or fc.sample_steps, shift or fc.sample_shift
-        cfg_scale = fc.cfg_scale if cfg_scale is None else cfg_scale
-        cfg_interval = tuple(fc.cfg_interval if cfg_interval is None else cfg_interval)
-        renorm_min = fc.cfg_renorm_min if renorm_min is None else renorm_min
+        sampler = fc.sampler_settings(steps, shift, cfg_scale, cfg_interval, renorm_min)
         self.cfg.check_image_size(height, width)
         unit = self.cfg.vae_pixels_per_token
         gh, gw = height // unit, width // unit
@@ -218,7 +215,7 @@ class Engine:
             v = self.model.llm2vae(h.reshape(n, n_img, -1)[:, 1:-1]).float()
             return (v[:B], v[B:]) if guided else (v, None)
 
-        out = flow.euler_sample(velocity, x.float(), steps, shift, cfg_scale, cfg_interval, renorm_min)
+        out = flow.euler_sample(velocity, x.float(), **sampler)
         return out, (gh, gw)
 
     @torch.no_grad()

@@ -96,8 +96,9 @@ class RunConfig(SaveConfigCallback):
         folder = run_folder(trainer)
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / self.config_filename
-        self.parser.save(self.config, self.path, skip_none=False, overwrite=True, multifile=self.multifile)
-        merged = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        text = self.parser.dump(self.config, skip_none=False)  # what --print_config prints
+        self.path.write_text(text)
+        merged = yaml.safe_load(text)
         for lg in trainer.loggers:  # instead of the module's hyperparameters (autolog is off, see UniGenDetCLI)
             lg.log_hyperparams(merged)
             if isinstance(lg, WandbLogger):

@@ -407,16 +407,14 @@ class LitUniGenDet(L.LightningModule):
             self._make_fresh_fakes()
         do_det = s.train_det and "det" in batch and step % s.det_every == 0
         do_gen = s.train_gen and "gen" in batch and step % s.gen_every == 0
-        stepped = False
-        sides_stepped = set()
+        stepped: set[str] = set()  # the sides whose optimiser stepped in this batch
         if s.joint:
             losses = {**self.detection_losses(batch["det"]), **self.generation_losses(batch["gen"])}
             total = w.ce * losses["loss_ce"] + w.det * losses["loss_det"] + w.mse * losses["loss_mse"]
             if self._check(losses, step):
                 self._update(opt_det, "joint", total, first=True)
                 self._update_step_only(opt_gen)
-                stepped = True
-                sides_stepped |= {"det", "gen"}
+                stepped |= {"det", "gen"}
             logs.update({f"train/{k}": v.item() for k, v in losses.items() if not k.startswith("_")})
         else:
             if do_det:
@@ -429,22 +427,20 @@ class LitUniGenDet(L.LightningModule):
                     total = total + losses["loss_fresh"]
                 if self._check(losses, step):
                     self._update(opt_det, "det", total, first=not stepped)
-                    stepped = True
-                    sides_stepped.add("det")
+                    stepped.add("det")
                 logs.update({f"train/{k}": v.item() for k, v in losses.items() if not k.startswith("_")})
             if do_gen:
                 losses = self.generation_losses(batch["gen"], batch.get("teacher"))
                 total = w.mse * losses["loss_mse"] + w.diga * losses.get("loss_diga", 0.0)
                 if self._check(losses, step):
                     self._update(opt_gen, "gen", total, first=not stepped)
-                    stepped = True
-                    sides_stepped.add("gen")
+                    stepped.add("gen")
                 logs.update({f"train/{k}": v.item() for k, v in losses.items()})
         if stepped:
             # each side's LR schedule follows the training steps; a side whose optimiser has never stepped (a frozen
             # side, e.g. the detector in the DIGA stage) keeps its schedule at the start, as torch requires
             for side, sch in (("det", sch_det), ("gen", sch_gen)):
-                if side in sides_stepped or sch.last_epoch > 0:
+                if side in stepped or sch.last_epoch > 0:
                     sch.step()
             if self.ema is not None:
                 self.ema.update(self.model)
@@ -604,13 +600,11 @@ class LitUniGenDet(L.LightningModule):
     def evaluate_protocol(self) -> dict[str, float]:
         """:func:`unigendet.evaluation.run_protocol` on the data module's test split; rank 0 writes the report
         (JSON, JSONL rows, Markdown, generated PNGs) and, with a W&B logger, a table of the rows."""
-        from unigendet.evaluation import flat_metrics, run_protocol, write_report
+        from unigendet.evaluation import flat_metrics, report_dir, run_protocol, write_report
         from unigendet.inference import Engine
-        from unigendet.runs import shared_run_folder
 
         dm = self.trainer.datamodule
-        # the run's folder (next to its config.yaml and checkpoints); a broadcast: every rank asks
-        out_dir = Path(self.eval_cfg.out_dir) if self.eval_cfg.out_dir else shared_run_folder(self.trainer) / "eval"
+        out_dir = report_dir(self.eval_cfg, self.trainer)  # a broadcast: every rank asks
         was_training = self.model.training
         try:
             with gathered(self.model):  # ranks evaluate different images: no collectives inside forwards

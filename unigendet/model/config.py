@@ -161,6 +161,16 @@ class FlowConfig:
         if self.freq_dim % 2:
             raise ValueError("freq_dim must be even")
 
+    def sampler_settings(self, steps: int | None = None, shift: float | None = None, cfg_scale: float | None = None,
+                         cfg_interval: tuple[float, float] | None = None,
+                         renorm_min: float | None = None) -> dict[str, Any]:
+        """The sampler settings a generation uses: those given, this config's defaults for the ones left None (the
+        one place the defaults are filled in, so what the PNGs record is what ran)."""
+        return {"steps": steps or self.sample_steps, "shift": shift or self.sample_shift,
+                "cfg_scale": self.cfg_scale if cfg_scale is None else cfg_scale,
+                "cfg_interval": tuple(self.cfg_interval if cfg_interval is None else cfg_interval),
+                "renorm_min": self.cfg_renorm_min if renorm_min is None else renorm_min}
+
 
 @dataclass
 class DetHeadConfig:
