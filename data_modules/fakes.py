@@ -36,6 +36,16 @@ FAMILIES = ("gan_upsample", "spectral", "diffusion_like", "splice")
 
 _LUMA = np.array([0.299, 0.587, 0.114])
 
+# Trace strengths, drawn per image from these ranges (one place to tune them; docs/demo_corpus.md describes them).
+GAN_IMBALANCE = (0.06, 0.25)  # relative gap between the even and odd tap sums of the transposed convolutions
+GAN_BLOB_FLOOR = 0.35  # weight of the checkerboard decode outside the artifact blob (1 = the whole frame)
+SPECTRAL_BETA = (0.85, 1.35)  # amplitude-spectrum slope of the random-phase synthesis
+DIFFUSION_GRAIN = (0.008, 0.03)  # sigma of the final grain, as a fraction of the range
+SPLICE_SIDE = (0.3, 0.6)  # side of the pasted region, as a fraction of the host's
+SPLICE_GAIN = (0.1, 0.25)  # brightness mismatch of the pasted region
+SPLICE_TREATMENTS = ("blur", "noise", "sharpen", "none")  # what is done to the donor region (drawn uniformly)
+SPLICE_NOISE = (0.015, 0.04)  # sigma of a re-noised donor
+
 
 @dataclass
 class FakeResult:
@@ -132,7 +142,7 @@ def gan_upsample(content: np.ndarray, rng: np.random.Generator) -> FakeResult:
     gray = is_gray(content)
     low = to_float(resize(content, (h // factor, w // factor), Image.BOX))
     kernel_size = int(rng.choice([3, 4]))
-    imbalance = float(rng.uniform(0.06, 0.25))
+    imbalance = float(rng.uniform(*GAN_IMBALANCE))
     per_channel = (not gray) and rng.random() < 0.4
     x = low
     for _ in range(n_stages):
@@ -145,7 +155,7 @@ def gan_upsample(content: np.ndarray, rng: np.random.Generator) -> FakeResult:
     # Clean bilinear decode of the same latent, blended outside a random blob: the artifacts are localised.
     clean = to_float(resize(to_uint8(low), (h, w), Image.BILINEAR))
     blob, centre = smooth_mask((h, w), rng, radius=float(rng.uniform(0.35, 0.7)) * max(h, w))
-    alpha = np.clip(0.35 + 0.65 * blob / blob.max(), 0.0, 1.0)[..., None]
+    alpha = np.clip(GAN_BLOB_FLOOR + (1 - GAN_BLOB_FLOOR) * blob / blob.max(), 0.0, 1.0)[..., None]
     out = alpha * x + (1.0 - alpha) * clean
     if gray:
         out = gray_rgb(out)
@@ -185,7 +195,7 @@ def spectral(hw: tuple[int, int], colour_ref: np.ndarray, rng: np.random.Generat
     Returns:
         The fake and ``info`` with the amplitude slope ``beta``, the anisotropy and the colour correlation used.
     """
-    beta = float(rng.uniform(0.85, 1.35))
+    beta = float(rng.uniform(*SPECTRAL_BETA))
     aniso = float(np.exp(rng.uniform(-0.4, 0.4)))
     angle = float(rng.uniform(0, np.pi))
     lum = _power_law_field(hw, beta, aniso, angle, rng)
@@ -245,7 +255,7 @@ def diffusion_like(content: np.ndarray, rng: np.random.Generator) -> FakeResult:
     small = resize(content, (h // layout_factor, w // layout_factor), Image.BOX)
     layout = to_float(resize(small, (h, w), Image.BICUBIC)).astype(np.float32)  # float32: half the filter time
     n_steps = int(rng.integers(6, 12))
-    sigma_max, grain = 0.6, float(rng.uniform(0.008, 0.03))
+    sigma_max, grain = 0.6, float(rng.uniform(*DIFFUSION_GRAIN))
     pull = float(rng.uniform(0.25, 0.5))
     x = layout.mean((0, 1)) + sigma_max * rng.standard_normal((h, w, 3), dtype=np.float32)
     for t in range(n_steps):
@@ -286,21 +296,21 @@ def splice(host: np.ndarray, donor: np.ndarray, rng: np.random.Generator, copy_m
         ``copy_move``.
     """
     h, w = host.shape[:2]
-    ph = int(rng.integers(int(0.3 * h), int(0.6 * h) + 1))
-    pw = int(rng.integers(int(0.3 * w), int(0.6 * w) + 1))
+    ph = int(rng.integers(int(SPLICE_SIDE[0] * h), int(SPLICE_SIDE[1] * h) + 1))
+    pw = int(rng.integers(int(SPLICE_SIDE[0] * w), int(SPLICE_SIDE[1] * w) + 1))
     # The donor region is resampled by a random scale (resampling trace) to the patch size.
     scale = float(np.exp(rng.uniform(-0.35, 0.35)))
     sh, sw = min(donor.shape[0], max(8, int(ph * scale))), min(donor.shape[1], max(8, int(pw * scale)))
     dy, dx = int(rng.integers(0, donor.shape[0] - sh + 1)), int(rng.integers(0, donor.shape[1] - sw + 1))
     patch = to_float(resize(np.ascontiguousarray(donor[dy : dy + sh, dx : dx + sw]), (ph, pw), Image.BILINEAR))
-    treatment = str(rng.choice(["blur", "noise", "sharpen", "none"]))
+    treatment = str(rng.choice(list(SPLICE_TREATMENTS)))
     if treatment == "blur":
         patch = ndimage.gaussian_filter(patch, sigma=(1.0, 1.0, 0))
     elif treatment == "noise":
-        patch = patch + float(rng.uniform(0.015, 0.04)) * rng.standard_normal(patch.shape[:2])[..., None]
+        patch = patch + float(rng.uniform(*SPLICE_NOISE)) * rng.standard_normal(patch.shape[:2])[..., None]
     elif treatment == "sharpen":
         patch = patch + 1.0 * (patch - ndimage.gaussian_filter(patch, sigma=(1.0, 1.0, 0)))
-    gain = 1.0 + float(rng.choice([-1, 1])) * rng.uniform(0.1, 0.25) + rng.uniform(-0.08, 0.08, size=3)
+    gain = 1.0 + float(rng.choice([-1, 1])) * rng.uniform(*SPLICE_GAIN) + rng.uniform(-0.08, 0.08, size=3)
     patch = patch * gain
     y0, x0 = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
     shape = "rectangular" if rng.random() < 0.55 else "elliptical"

@@ -22,8 +22,14 @@ def test_demo_runs_end_to_end_and_reports_json(tmp_path, capsys, monkeypatch):
     assert code == 0
     lines = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(lines[-1])
-    assert {"heldout_acc", "heldout_f1", "heldout_rouge_l", "train_seconds", "checkpoint", "samples"} <= set(summary)
+    assert {"heldout_acc", "heldout_f1", "heldout_auroc", "per_family", "heldout_rouge_l", "verdict_acc",
+            "verdict_agreement", "no_verdict", "block_ratio", "train_seconds", "checkpoint", "samples"} <= set(summary)
     assert 0.0 <= summary["heldout_acc"] <= 1.0 and 0.0 <= summary["heldout_f1"] <= 1.0
+    assert 0.0 <= summary["heldout_auroc"] <= 1.0  # the --small test split holds both classes
+    assert set(summary["per_family"]) == {"real", "gan_upsample", "spectral", "diffusion_like", "splice"}
+    assert all(0.0 <= v <= 1.0 for v in summary["per_family"].values())
+    assert 0.0 <= summary["verdict_acc"] <= 1.0 and 0.0 <= summary["verdict_agreement"] <= 1.0
+    assert 0 <= summary["no_verdict"] <= 2 and summary["block_ratio"] > 0
     assert 0.0 <= summary["heldout_rouge_l"] <= 1.0 and summary["train_seconds"] > 0
     assert summary["heldout_images"] > 0 and summary["explained"] == 2
     assert (out / "corpus" / "manifest.json").exists()

@@ -7,7 +7,9 @@
    head over every test image, explanations (KV-cache decoding) for a panel of images with ROUGE-L against the
    reference explanations, a few of them printed next to their references;
 4. generates a grid of images for held-out captions (``demo-run/samples/grid.png``);
-5. prints, as its LAST stdout line, one JSON summary: heldout_acc, heldout_f1, heldout_rouge_l, train_seconds,
+5. prints, as its LAST stdout line, one JSON summary: heldout_acc, heldout_f1, heldout_auroc, per_family (head
+   accuracy per family), heldout_rouge_l, verdict_acc / verdict_agreement (the explanation's first "real"/"fake" against
+   the label / the head), no_verdict, block_ratio (token-block pattern of the samples, ~1 when absent), train_seconds,
    checkpoint, samples (and where the W&B run is).
 
 This module orchestrates the application (corpus builder, DataModule, trainer); it imports ``data_modules`` only
@@ -66,9 +68,10 @@ def train(out: Path, corpus: Path, config: Path, extra: list[str]) -> tuple[Path
 
 def evaluate(ckpt: Path, corpus: Path, out: Path, panel: int, seed: int) -> tuple[dict, object]:
     import torch
-    from torchmetrics.functional.classification import multiclass_f1_score
+    from torchmetrics.functional.classification import binary_auroc, multiclass_f1_score
     from torchmetrics.text import ROUGEScore
 
+    from unigendet.demo_metrics import per_family_accuracy, verdict_scores
     from unigendet.images import open_image
     from unigendet.inference import UniGenDetPipeline
     from unigendet.skips import SkipCounter
@@ -76,13 +79,14 @@ def evaluate(ckpt: Path, corpus: Path, out: Path, panel: int, seed: int) -> tupl
     pipe = UniGenDetPipeline.from_pretrained(ckpt)
     records = json.loads((corpus / "detection" / "test.json").read_text())
     skips = SkipCounter()
-    images, labels, refs = [], [], []
+    images, labels, refs, families = [], [], [], []
     for i, rec in enumerate(records):
         img = open_image(rec["image"], skips, f"test.json:{i}", root=corpus / "detection")
         if img is not None:
             images.append(img)
             labels.append(rec["label"])
             refs.append(rec["conversations"][1]["value"])
+            families.append(str(rec.get("cate", "real" if rec["label"] == 1 else "fake")))
     p_fake = []
     for i in range(0, len(images), 16):
         p_fake += [r.p_fake for r in pipe.detect(images[i: i + 16], explain=False)]
@@ -90,6 +94,9 @@ def evaluate(ckpt: Path, corpus: Path, out: Path, panel: int, seed: int) -> tupl
     pred = (torch.tensor(p_fake) >= 0.5).long()
     acc = float((pred == fake).float().mean())
     f1 = float(multiclass_f1_score(pred, fake, num_classes=2, average="macro"))
+    # AUROC of p(fake); undefined (reported as null) when the test split holds one class only
+    auroc = float(binary_auroc(torch.tensor(p_fake), fake)) if 0 < int(fake.sum()) < len(fake) else None
+    per_family = per_family_accuracy((pred == fake).tolist(), families)
     # explanations for a fixed, label-balanced panel
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(images), generator=g).tolist()
@@ -99,17 +106,24 @@ def evaluate(ckpt: Path, corpus: Path, out: Path, panel: int, seed: int) -> tupl
         explained += pipe.detect([images[j] for j in chosen[i: i + 8]], max_new_tokens=160)
     rouge = ROUGEScore(rouge_keys=("rougeL",), use_stemmer=True)  # F, stemmed: the protocol's ROUGE-L
     score = rouge([r.explanation for r in explained], [refs[j] for j in chosen])
+    verdicts = verdict_scores([r.explanation for r in explained],
+                              ["fake" if labels[j] == 0 else "real" for j in chosen], [r.label for r in explained])
     print("\n[demo] held-out explanations (generated | reference):", file=sys.stderr)
     for j, r in list(zip(chosen, explained, strict=True))[:4]:
         print(f"  p_fake={r.p_fake:.2f} label={'fake' if labels[j] == 0 else 'real'}\n    ours: {r.explanation[:220]}"
               f"\n    ref : {refs[j][:220]}", file=sys.stderr)
     return {"heldout_acc": round(acc, 4), "heldout_f1": round(f1, 4),
-            "heldout_rouge_l": round(float(score["rougeL_fmeasure"]), 4), "heldout_images": len(images),
+            "heldout_auroc": None if auroc is None else round(auroc, 4), "per_family": per_family,
+            "heldout_rouge_l": round(float(score["rougeL_fmeasure"]), 4), **verdicts, "heldout_images": len(images),
             "explained": len(explained), "skipped": dict(skips.counts)}, pipe
 
 
-def sample_grid(pipe, corpus: Path, out: Path, n: int, seed: int, px: int, steps: int) -> Path:
-    """Images for the first ``n`` held-out captions, tiled with each caption under its image."""
+def sample_grid(pipe, corpus: Path, out: Path, n: int, seed: int, px: int, steps: int) -> tuple[Path, float]:
+    """Images for the first ``n`` held-out captions, tiled with each caption under its image; returns the grid's
+    path and the samples' mean :func:`~unigendet.demo_metrics.block_ratio` (token-block pattern, ~1 when absent)."""
+    import numpy as np
+
+    from unigendet.demo_metrics import block_ratio
     from unigendet.plots import caption_grid
 
     prompts = [json.loads(line)["prompt"] for line in (corpus / "t2i" / "test.jsonl").read_text().splitlines()[:n]]
@@ -119,7 +133,9 @@ def sample_grid(pipe, corpus: Path, out: Path, n: int, seed: int, px: int, steps
     path = out / "samples" / "grid.png"
     grid.save(path)
     (out / "samples" / "prompts.txt").write_text("\n".join(prompts) + "\n")
-    return path
+    block = pipe.cfg.vae_pixels_per_token
+    ratio = float(np.mean([block_ratio(np.asarray(im.convert("RGB")), block) for im in images]))
+    return path, ratio
 
 
 def main_demo(argv: list[str] | None = None) -> int:
@@ -139,9 +155,9 @@ def main_demo(argv: list[str] | None = None) -> int:
     corpus = build_corpus(out, args.seed, args.small)
     ckpt, seconds, wandb_dir = train(out, corpus, Path(args.config), [*args.overrides, *unknown])
     metrics, pipe = evaluate(ckpt, corpus, out, args.panel, args.seed)
-    grid = sample_grid(pipe, corpus, out, args.samples, args.seed, args.sample_px, args.sample_steps)
+    grid, ratio = sample_grid(pipe, corpus, out, args.samples, args.seed, args.sample_px, args.sample_steps)
     print(f"[demo] samples: {grid}; W&B offline run: {wandb_dir} (sync with `wandb sync {wandb_dir}`)",
           file=sys.stderr)
-    print(json.dumps({**metrics, "train_seconds": round(seconds, 1), "checkpoint": str(ckpt), "samples": str(grid),
-                      "wandb": wandb_dir}))
+    print(json.dumps({**metrics, "block_ratio": round(ratio, 3), "train_seconds": round(seconds, 1),
+                      "checkpoint": str(ckpt), "samples": str(grid), "wandb": wandb_dir}))
     return 0
