@@ -11,9 +11,9 @@ fits a classifier on metadata alone and reports its held-out accuracy; near 0.5 
 The classifier is logistic regression on standardised features and their squares (so "a size band" or "a std range"
 is catchable, not only a threshold), fitted by L-BFGS on the train split with a small L2 penalty, scored on a
 held-out split with balanced classes (every real image weighs as much as all fakes together). Used by
-``tests/test_leak_probe.py`` on the demo corpus; runnable on any FakeClue-format folder::
+``unigendet leak-probe`` on any FakeClue-format folder (one JSON line)::
 
-    python -m data_modules.leak_probe demo-run/corpus/detection
+    unigendet leak-probe demo-run/corpus/detection
 """
 
 from __future__ import annotations
@@ -94,9 +94,9 @@ def probe(folder: Path, train: str = "train", test: str = "test") -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m data_modules.leak_probe", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="unigendet leak-probe", description=__doc__.splitlines()[0])
     ap.add_argument("folder", type=Path, help="a FakeClue-format folder with train.json and test.json")
-    ap.add_argument("--test-split", default="test")
+    ap.add_argument("--test-split", default="test", help="the held-out split to score (default: test)")
     args = ap.parse_args(argv)
     sys.stdout.write(json.dumps(probe(args.folder, test=args.test_split)) + "\n")
     return 0

@@ -12,6 +12,7 @@ Commands:
 * ``plot``         - loss curves of a run (its ``steps.jsonl``) as a PNG.
 * ``inspect-data`` - stream a detection / T2I corpus through the real readers and transforms; one JSON summary.
 * ``demo-data``    - build the embedded demo corpus.
+* ``leak-probe``   - can real and fake be told apart from file metadata alone (size, PNG bytes, colour stats)?
 """
 
 from __future__ import annotations
@@ -265,6 +266,12 @@ def _demo_data(argv: list[str]) -> int:
     return main_demo_data(argv)
 
 
+def _leak_probe(argv: list[str]) -> int:
+    from data_modules.leak_probe import main
+
+    return main(argv)
+
+
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
@@ -282,7 +289,7 @@ def _demo(argv: list[str]) -> int:
     return main_demo(argv)
 
 
-DELEGATED = {"inspect-data": _inspect_data, "demo-data": _demo_data, "demo": _demo}
+DELEGATED = {"inspect-data": _inspect_data, "demo-data": _demo_data, "leak-probe": _leak_probe, "demo": _demo}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -341,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, help_text in (("inspect-data", "check a corpus before a long run (see `unigendet inspect-data -h`)"),
                             ("demo-data", "build the embedded demo corpus (see `unigendet demo-data -h`)"),
+                            ("leak-probe", "real vs fake from file metadata alone (see `unigendet leak-probe -h`)"),
                             ("demo", "the embedded default: corpus, training, held-out evaluation, samples"),
                             *((c, f"LightningCLI {c} (see `unigendet {c} -h`)") for c in LIGHTNING_COMMANDS)):
         sub.add_parser(name, help=help_text, add_help=False)
