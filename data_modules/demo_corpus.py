@@ -13,7 +13,7 @@ from a seed (same seed -> byte-identical files):
 
 Features:
 
-* Real images are crops (64-128 px per side, multiples of 8, non-square too) of the photographs shipped inside
+* Real images are crops (32-48 px per side, multiples of 8, non-square too) of the photographs shipped inside
   scikit-image (``skimage.data``, no download), at random zooms and resampling filters, mirrored.
 * Held-out splits never share pixels with train: every source photo is cut into a 2x2..3x3 grid of cells, a hash of
   (photo, cell) sends one cell to test, one to val and the rest to train, and every crop (real, or the real content
@@ -49,9 +49,10 @@ from unigendet.tokenizer import SPECIAL_TOKENS, train_bpe
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 VOCAB_SIZE = 2048  # the demo preset's vocabulary: ordinary tokens first, the special tokens last
-SIDE_STEP = 8  # 8x8 pixels per VAE token (pixel AE 4x, latent patch 2) and ViT patch 8 in the demo preset
+SIDE_STEP = 8  # 8x8 pixels per VAE token in the demo preset (pixel AE 4x, latent patch 2); two ViT patches of 4
 MIN_CROP_STD = 0.03  # crops flatter than this (black retina corners, empty sky) are re-drawn
-FULL = {"n_real": 2000, "n_fake_per_family": 500}
+FULL = {"n_real": 4000, "n_fake_per_family": 1000}
+SIZE_RANGE = (32, 48)  # px per side: small images, so the demo sees many of them in its minutes on 2 cores
 SMALL = {"n_real": 40, "n_fake_per_family": 10}
 
 
@@ -194,7 +195,7 @@ class CropSampler:
                 img = img[::-1]
             if (img.astype(np.float64) @ ex._LUMA).std() / 255.0 >= MIN_CROP_STD:
                 break
-        return np.ascontiguousarray(img), zoom
+        return fakes.camera_noise(np.ascontiguousarray(img), rng), zoom
 
 
 ########################################################################################################################
@@ -315,7 +316,7 @@ def _run_job(job: tuple[str, int, str, int]) -> dict[str, Any]:
 
 def build_demo_corpus(out: Path, seed: int = 0, n_real: int = FULL["n_real"],
                       n_fake_per_family: int = FULL["n_fake_per_family"],
-                      size_range: tuple[int, int] = (64, 128), workers: int | None = None) -> dict[str, Any]:
+                      size_range: tuple[int, int] = SIZE_RANGE, workers: int | None = None) -> dict[str, Any]:
     """Write the demo corpus under ``out`` and return a summary.
 
     Args:

@@ -37,14 +37,15 @@ FAMILIES = ("gan_upsample", "spectral", "diffusion_like", "splice")
 _LUMA = np.array([0.299, 0.587, 0.114])
 
 # Trace strengths, drawn per image from these ranges (one place to tune them; docs/demo_corpus.md describes them).
-GAN_IMBALANCE = (0.06, 0.25)  # relative gap between the even and odd tap sums of the transposed convolutions
-GAN_BLOB_FLOOR = 0.35  # weight of the checkerboard decode outside the artifact blob (1 = the whole frame)
+GAN_IMBALANCE = (0.2, 0.35)  # relative gap between the even and odd tap sums of the transposed convolutions
+GAN_BLOB_FLOOR = 0.75  # weight of the checkerboard decode outside the artifact blob (1 = the whole frame)
 SPECTRAL_BETA = (0.85, 1.35)  # amplitude-spectrum slope of the random-phase synthesis
-DIFFUSION_GRAIN = (0.008, 0.03)  # sigma of the final grain, as a fraction of the range
+DIFFUSION_GRAIN = (0.025, 0.06)  # sigma of the final grain, as a fraction of the range
 SPLICE_SIDE = (0.3, 0.6)  # side of the pasted region, as a fraction of the host's
 SPLICE_GAIN = (0.1, 0.25)  # brightness mismatch of the pasted region
 SPLICE_TREATMENTS = ("blur", "noise", "sharpen", "none")  # what is done to the donor region (drawn uniformly)
 SPLICE_NOISE = (0.015, 0.04)  # sigma of a re-noised donor
+CAMERA_NOISE = (0.0, 0.08)  # sigma at full scale of the shot + read noise given to every real crop ((0, 0): none)
 
 
 @dataclass
@@ -81,6 +82,27 @@ def is_gray(img: np.ndarray) -> bool:
 def resize(img: np.ndarray, hw: tuple[int, int], resample: int = Image.BOX) -> np.ndarray:
     """Resize a uint8 ``(H, W, 3)`` image to ``hw = (height, width)`` with PIL."""
     return np.asarray(Image.fromarray(img).resize((hw[1], hw[0]), resample=resample))
+
+
+def camera_noise(img: np.ndarray, rng: np.random.Generator,
+                 sigma_range: tuple[float, float] | None = None) -> np.ndarray:
+    """Sensor-like noise on a uint8 photo crop: shot noise (variance proportional to the brightness), mostly shared by
+    the three channels (demosaicked luminance noise), grayscale kept grayscale.
+
+    Real photographs carry such noise; giving it to the real crops keeps their PNG size and compressibility in the
+    range of the fakes', so that file metadata does not give the label away (``unigendet leak-probe``). Returns
+    ``img`` unchanged (and draws nothing) when ``sigma_range`` (default :data:`CAMERA_NOISE`) is ``(0, 0)``.
+    """
+    sigma_range = CAMERA_NOISE if sigma_range is None else sigma_range
+    if sigma_range[1] <= 0:
+        return img
+    sigma = float(rng.uniform(*sigma_range))
+    x = to_float(img)
+    h, w = x.shape[:2]
+    shared = rng.standard_normal((h, w, 1))
+    own = np.zeros((h, w, 1)) if is_gray(img) else rng.standard_normal((h, w, 3))
+    scale = sigma * np.sqrt(x @ _LUMA)[..., None]  # shot noise: its variance follows the local brightness
+    return to_uint8(x + scale * (0.85 * shared + 0.35 * own))
 
 
 def smooth_mask(hw: tuple[int, int], rng: np.random.Generator, radius: float) -> tuple[np.ndarray, tuple[int, int]]:

@@ -99,8 +99,8 @@ def test_the_jpeg_corpus_reads_back_whole(jpeg_corpus, preset):
             assert img is not None and img.size == (512, 512) and img.mode == "RGB"
             assert planner(rec, torch.Generator().manual_seed(0), skips) is not None
         assert not skips.counts
-    # the preset's transforms: the demo preset reads 512 px at its 128 px bound, BAGEL at native size
+    # the preset's transforms: the demo preset reads 512 px at its 64 px bound, BAGEL at native size
     vit, vae = dm.vit_tf().target_size(512, 512), dm.vae_tf().target_size(512, 512)
-    assert (vit, vae) == {"demo": ((128, 128), (128, 128)), "bagel-7b-mot": ((518, 518), (512, 512))}[preset]
+    assert (vit, vae) == {"demo": ((64, 64), (64, 64)), "bagel-7b-mot": ((518, 518), (512, 512))}[preset]
     labels = [r["label"] for r in json.loads((out / "detection.json").read_text())]
     assert sorted(set(labels)) == [0, 1]

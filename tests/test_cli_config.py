@@ -318,7 +318,7 @@ def test_slurm_templates_train_under_fsdp2():
 
 
 def test_a_callback_setting_the_model_cannot_honour_fails_before_training(tmp_path):
-    """ImageSamples px=256 on the demo preset (at most 128 px) is a one-line error when the config is built, not a
+    """ImageSamples px=256 on the demo preset (at most 64 px) is a one-line error when the config is built, not a
     crash at the first validation after N training steps."""
     from tests.docs_workspace import environment
 
@@ -330,21 +330,21 @@ def test_a_callback_setting_the_model_cannot_honour_fails_before_training(tmp_pa
     assert proc.returncode == 2
     err = [line for line in proc.stderr.strip().splitlines() if not line.startswith(("Seed set", "GPU", "TPU"))]
     assert err == ["unigendet fit: error: ImageSamples px=256: 256x256 px exceeds what the demo model generates: "
-                   "at most 128 px per side"], proc.stderr
+                   "at most 64 px per side"], proc.stderr
 
 
 def test_image_samples_px_none_is_the_models_largest_side_up_to_512():
     from callbacks import ImageSamples
     from unigendet.lit_module import LitUniGenDet
 
-    demo = LitUniGenDet(model="demo")  # 8 px per latent token, 16 of them: 128 px
+    demo = LitUniGenDet(model="demo")  # 8 px per latent token, 8 of them: 64 px
     cb = ImageSamples(px=None)
     cb.check(demo)
-    assert cb.px == 128
+    assert cb.px == 64
     cb = ImageSamples(px=None)
     cb.check(LitUniGenDet(model="demo", model_overrides={"flow": {"max_latent_size": 128}}))
     assert cb.px == 512
-    with pytest.raises(ValueError, match="ImageSamples px=136: 136x136 px exceeds"):
-        ImageSamples(px=136).check(demo)
+    with pytest.raises(ValueError, match="ImageSamples px=72: 72x72 px exceeds"):
+        ImageSamples(px=72).check(demo)
     with pytest.raises(ValueError, match="multiples of 8 px"):
         ImageSamples(px=100).check(demo)

@@ -61,3 +61,12 @@ def test_probe_catches_a_planted_noise_leak(tmp_path):
 def test_probe_stays_near_chance_without_a_leak(tmp_path):
     out = probe(_corpus(tmp_path, fake_noise=0.0, n={"train": 200, "test": 100}))
     assert 0.35 <= out["heldout_balanced_acc"] <= 0.65, out
+
+
+def test_the_demo_corpus_does_not_leak_its_labels(tmp_path):
+    """The corpus `make demo` builds (full size, seed 0): metadata alone stays at or below 0.60 held-out accuracy."""
+    from data_modules.demo_corpus import build_demo_corpus
+
+    build_demo_corpus(tmp_path / "corpus", seed=0)
+    out = probe(tmp_path / "corpus" / "detection")
+    assert out["n_test"] >= 800 and out["heldout_balanced_acc"] <= 0.60, out

@@ -1,8 +1,8 @@
 """``make demo`` / ``unigendet demo``: the embedded default, end to end on CPU.
 
 1. builds the embedded corpus (``demo-run/corpus``) unless it is already there;
-2. trains the ``demo`` preset with ``experiments/demo.yaml`` (co-evolution: a detection and a generation update per
-   step), logging to a W&B offline run under ``demo-run/wandb``;
+2. trains the ``demo`` preset with ``experiments/demo.yaml`` (co-evolution: a detection update every step and a
+   generation update every second step), logging to a W&B offline run under ``demo-run/wandb``;
 3. evaluates the last checkpoint's EMA weights on the held-out test split: detection accuracy / macro-F1 from the
    head over every test image, explanations (KV-cache decoding) for a panel of images with ROUGE-L against the
    reference explanations, a few of them printed next to their references;
@@ -146,7 +146,7 @@ def main_demo(argv: list[str] | None = None) -> int:
     ap.add_argument("--small", action="store_true", help="the few-second corpus (tests)")
     ap.add_argument("--panel", type=int, default=16, help="held-out images whose explanation is decoded")
     ap.add_argument("--samples", type=int, default=8)
-    ap.add_argument("--sample-px", type=int, default=96)
+    ap.add_argument("--sample-px", type=int, default=48)
     ap.add_argument("--sample-steps", type=int, default=25)
     ap.add_argument("overrides", nargs="*", help="extra LightningCLI overrides, e.g. --trainer.max_steps=50")
     args, unknown = ap.parse_known_args(argv)

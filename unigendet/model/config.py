@@ -200,6 +200,9 @@ class TokenConfig:
 #####################################################################################################
 
 
+WEIGHT_INITS = ("normal", "fan_in")
+
+
 @dataclass
 class UniGenDetConfig:
     name: str = "custom"
@@ -210,8 +213,14 @@ class UniGenDetConfig:
     head: DetHeadConfig = field(default_factory=DetHeadConfig)
     tokens: TokenConfig = field(default_factory=TokenConfig)
     latent_to_vit_connector: bool = True  # unused by the method; kept so checkpoints round-trip
+    weight_init: str = "normal"
+    """Fresh Linear weights: ``"normal"`` = normal(0, 0.02) everywhere (Qwen2 / BAGEL's value, sized for widths of
+    ~1000+); ``"fan_in"`` = normal(0, 1/sqrt(fan_in)) per Linear, for narrow models trained from scratch, where 0.02
+    leaves every residual branch small and nearly linear (the ``demo`` preset; see BENCHMARKS.md)."""
 
     def __post_init__(self) -> None:
+        if self.weight_init not in WEIGHT_INITS:
+            raise ValueError(f"weight_init must be one of {WEIGHT_INITS}, got {self.weight_init!r}")
         for key, cls in _COMPONENTS.items():
             value = getattr(self, key)
             if isinstance(value, dict):
@@ -313,7 +322,7 @@ _FLAT_PREFERRED = {"n_layers": "mot"}
 def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in overrides.items():
-        if key in _COMPONENTS or key in ("name", "latent_to_vit_connector"):
+        if key in _COMPONENTS or key in ("name", "latent_to_vit_connector", "weight_init"):
             out[key] = value
             continue
         owners = [c for c, cls in _COMPONENTS.items() if key in {f.name for f in dataclasses.fields(cls)}]
@@ -384,6 +393,7 @@ class ModelOverrides:
     head: DetHeadOverrides | None = None
     tokens: TokenOverrides | None = None
     latent_to_vit_connector: bool | None = None
+    weight_init: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> ModelOverrides:

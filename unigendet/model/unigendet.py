@@ -90,7 +90,7 @@ class UniGenDet(nn.Module):
     @torch.no_grad()
     def init_weights(self, parts: Sequence[str] | None = None, std: float = 0.02) -> None:
         """Fresh weights for the named top-level parts (all when None), e.g. after ``to_empty``: normal(std)
-        Linears and embeddings with zero biases, unit norms, sin-cos tables; the velocity head and the detection
+        Linears (normal(1/sqrt(fan_in)) with ``cfg.weight_init == "fan_in"``) and embeddings with zero biases, unit norms, sin-cos tables; the velocity head and the detection
         head's last layer start at zero (so a pretrained decoder starts unchanged). The VAE inits itself."""
         names = [n for n, _ in self.named_children()] if parts is None else list(parts)
         for name in names:
@@ -101,7 +101,11 @@ class UniGenDet(nn.Module):
                 part.init_weights()
                 continue
             for module in part.modules():
-                if isinstance(module, (nn.Linear, nn.Embedding)):
+                if isinstance(module, nn.Linear) and self.cfg.weight_init == "fan_in":
+                    nn.init.normal_(module.weight, std=module.in_features**-0.5)
+                    if module.bias is not None:
+                        nn.init.zeros_(module.bias)
+                elif isinstance(module, (nn.Linear, nn.Embedding)):
                     nn.init.normal_(module.weight, std=std)
                     if getattr(module, "bias", None) is not None:
                         nn.init.zeros_(module.bias)
