@@ -4,6 +4,7 @@ JSON summary as the last stdout line."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from PIL import Image
@@ -20,8 +21,15 @@ def test_demo_runs_end_to_end_and_reports_json(tmp_path, capsys, monkeypatch):
                       "--sample-steps", "2", "--trainer.max_steps=3", "--trainer.val_check_interval=3",
                       "--trainer.limit_val_batches=2", "--data.num_workers=0", "--trainer.enable_progress_bar=false"])
     assert code == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
     summary = json.loads(lines[-1])
+    # the words say what the JSON says
+    assert f"Detection: {100 * summary['heldout_acc']:.0f}% of {summary['heldout_images']} held-out images" \
+        in captured.err
+    assert f"block ratio {summary['block_ratio']:.2f}" in captured.err
+    assert re.search(r"\[val\] step 3: acc \d\.\d{3} AUROC", captured.err), captured.err[-2000:]
+    assert (out / "curves.png").is_file()
     assert {"heldout_acc", "heldout_f1", "heldout_auroc", "per_family", "heldout_rouge_l", "verdict_acc",
             "verdict_agreement", "no_verdict", "block_ratio", "train_seconds", "checkpoint", "samples"} <= set(summary)
     assert 0.0 <= summary["heldout_acc"] <= 1.0 and 0.0 <= summary["heldout_f1"] <= 1.0

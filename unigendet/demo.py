@@ -138,6 +138,19 @@ def sample_grid(pipe, corpus: Path, out: Path, n: int, seed: int, px: int, steps
     return path, ratio
 
 
+def plain_summary(m: dict, block_ratio: float, grid: Path) -> str:
+    """What the numbers say, in words (printed before the JSON line)."""
+    auroc = "" if m.get("heldout_auroc") is None else f", AUROC {m['heldout_auroc']:.2f}"
+    fams = ", ".join(f"{fam} {100 * acc:.0f}%" for fam, acc in m["per_family"].items())
+    n = m["explained"]
+    blocks = "token blocks visible" if block_ratio > 1.3 else "no token-block pattern"
+    return (f"[demo] Detection: {100 * m['heldout_acc']:.0f}% of {m['heldout_images']} held-out images right{auroc} "
+            f"(by family: {fams}).\n"
+            f"[demo] Explanations: the verdict is right for {round(m['verdict_acc'] * n)} of {n} held-out images and "
+            f"agrees with the head for {round(m['verdict_agreement'] * n)}; ROUGE-L {m['heldout_rouge_l']:.2f}.\n"
+            f"[demo] Samples: {grid}, block ratio {block_ratio:.2f} ({blocks}; about 1 means none).")
+
+
 def main_demo(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="unigendet demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="demo-run")
@@ -158,6 +171,7 @@ def main_demo(argv: list[str] | None = None) -> int:
     grid, ratio = sample_grid(pipe, corpus, out, args.samples, args.seed, args.sample_px, args.sample_steps)
     print(f"[demo] samples: {grid}; W&B offline run: {wandb_dir} (sync with `wandb sync {wandb_dir}`)",
           file=sys.stderr)
+    print(plain_summary(metrics, ratio, grid), file=sys.stderr)
     print(json.dumps({**metrics, "block_ratio": round(ratio, 3), "train_seconds": round(seconds, 1),
                       "checkpoint": str(ckpt), "samples": str(grid), "wandb": wandb_dir}))
     return 0

@@ -8,6 +8,8 @@ Features:
   :func:`unigendet.evaluation.head_scores` uses), :func:`confusion_matrix_png` (rows: the truth, columns: the
   prediction, counts and row percentages) and :func:`per_category_png` (accuracy per ``cate`` with the image count
   above each bar, from detection rows or from ``summarize_detection(...)["per_category"]``).
+* **Progress curves** (:func:`progress_curves_png`): validation accuracy per family against the step next to the
+  training losses (the demo's ``curves.png``).
 * **Loss curves** from a ``steps.jsonl`` of :class:`callbacks.step_log.StepLog` (:func:`loss_curves_png`): one panel
   per ``train/loss*`` key on its own scale, against the step, with a moving average once there are many steps.
 * **Captioned grids** (:func:`caption_grid`): images tiled in rows with each one's caption wrapped under it to the
@@ -276,6 +278,56 @@ def loss_curves_png(steps_jsonl_path: str | os.PathLike, out_path: str | os.Path
         ax.set_xlabel("step")
         ax.ticklabel_format(axis="y", useOffset=False)
         ax.grid(alpha=0.3)
+    return _save(fig, out_path)
+
+
+def progress_curves_png(val: Sequence[Mapping[str, Any]], train: Mapping[int, Mapping[str, float]],
+                        out_path: str | os.PathLike, loss_keys: Sequence[str] = ("train/loss_det", "train/loss_mse"),
+                        ) -> Path:
+    """How a run learned: validation accuracy per category (and overall, and AUROC) against the step, and the
+    training losses beside it.
+
+    Args:
+        val: one row per validation, ``{"step", "acc", "auroc" (may be None), "per_family": {cate: acc}}``.
+        train: ``{step: {key: value}}`` of the training steps.
+        out_path: the PNG to write.
+        loss_keys: the training values to plot, one panel each (missing ones are left out).
+
+    Raises:
+        ValueError: no validation rows.
+    """
+    if not val:
+        raise ValueError("no validation results to plot")
+    keys = [k for k in loss_keys if any(k in v for v in train.values())]
+    fig = _figure(4.6 * (1 + len(keys)), 3.4)
+    ax = fig.add_subplot(1, 1 + len(keys), 1)
+    steps = [int(r["step"]) for r in val]
+    for i, fam in enumerate(sorted({f for r in val for f in r.get("per_family", {})})):
+        ys = [r.get("per_family", {}).get(fam, math.nan) for r in val]
+        ax.plot(steps, ys, marker="o", ms=3, lw=1, color=f"C{i}", label=fam)
+    ax.plot(steps, [r["acc"] for r in val], marker="s", ms=4, lw=2, color="black", label="all (acc)")
+    if any(r.get("auroc") is not None for r in val):
+        ax.plot(steps, [math.nan if r.get("auroc") is None else r["auroc"] for r in val], ls="--", lw=1.5,
+                color="grey", label="all (AUROC)")
+    ax.axhline(0.5, color="grey", lw=0.6, ls=":")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("validation: head accuracy per family", fontsize=10)
+    ax.set_xlabel("step")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    t_steps = np.asarray(sorted(train))
+    for j, key in enumerate(keys):
+        y = np.asarray([train[s].get(key, math.nan) for s in t_steps], dtype=np.float64)
+        window = max(1, len(t_steps) // 20)
+        bx = fig.add_subplot(1, 1 + len(keys), 2 + j)
+        ok = np.isfinite(y)
+        bx.plot(t_steps[ok], y[ok], color="C0", lw=1, alpha=0.35 if window > 1 else 1.0, label="per step")
+        if window > 1:
+            bx.plot(t_steps[ok], _moving_average(y, window)[ok], color="C1", lw=1.5, label=f"mean of {window}")
+            bx.legend(fontsize=8)
+        bx.set_title(key, fontsize=10)
+        bx.set_xlabel("step")
+        bx.grid(alpha=0.3)
     return _save(fig, out_path)
 
 

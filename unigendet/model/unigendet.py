@@ -90,8 +90,9 @@ class UniGenDet(nn.Module):
     @torch.no_grad()
     def init_weights(self, parts: Sequence[str] | None = None, std: float = 0.02) -> None:
         """Fresh weights for the named top-level parts (all when None), e.g. after ``to_empty``: normal(std)
-        Linears (normal(1/sqrt(fan_in)) with ``cfg.weight_init == "fan_in"``) and embeddings with zero biases, unit norms, sin-cos tables; the velocity head and the detection
-        head's last layer start at zero (so a pretrained decoder starts unchanged). The VAE inits itself."""
+        Linears (normal(1/sqrt(fan_in)) when ``cfg.weight_init == "fan_in"``) and embeddings with zero biases, unit
+        norms, sin-cos tables; the velocity head and the detection head's last layer start at zero (so a pretrained
+        decoder starts unchanged). The VAE inits itself."""
         names = [n for n, _ in self.named_children()] if parts is None else list(parts)
         for name in names:
             part = getattr(self, name)
