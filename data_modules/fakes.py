@@ -45,7 +45,8 @@ SPLICE_SIDE = (0.3, 0.6)  # side of the pasted region, as a fraction of the host
 SPLICE_GAIN = (0.1, 0.25)  # brightness mismatch of the pasted region
 SPLICE_TREATMENTS = ("blur", "noise", "sharpen", "none")  # what is done to the donor region (drawn uniformly)
 SPLICE_NOISE = (0.015, 0.04)  # sigma of a re-noised donor
-CAMERA_NOISE = (0.0, 0.08)  # sigma at full scale of the shot + read noise given to every real crop ((0, 0): none)
+CAMERA_NOISE = (0.0, 0.08)  # sigma at full brightness of the shot noise given to every real crop ((0, 0): none)
+CAMERA_CHROMA = 0.0  # weight of a per-channel part of that noise (the shared, luminance part weighs 0.85)
 
 
 @dataclass
@@ -86,8 +87,9 @@ def resize(img: np.ndarray, hw: tuple[int, int], resample: int = Image.BOX) -> n
 
 def camera_noise(img: np.ndarray, rng: np.random.Generator,
                  sigma_range: tuple[float, float] | None = None) -> np.ndarray:
-    """Sensor-like noise on a uint8 photo crop: shot noise (variance proportional to the brightness), mostly shared by
-    the three channels (demosaicked luminance noise), grayscale kept grayscale.
+    """Sensor-like noise on a uint8 photo crop: shot noise (variance proportional to the brightness), shared by the
+    three channels (luminance noise, as after demosaicking and denoising; ``CAMERA_CHROMA`` adds a per-channel part),
+    grayscale kept grayscale.
 
     Real photographs carry such noise; giving it to the real crops keeps their PNG size and compressibility in the
     range of the fakes', so that file metadata does not give the label away (``unigendet leak-probe``). Returns
@@ -102,7 +104,7 @@ def camera_noise(img: np.ndarray, rng: np.random.Generator,
     shared = rng.standard_normal((h, w, 1))
     own = np.zeros((h, w, 1)) if is_gray(img) else rng.standard_normal((h, w, 3))
     scale = sigma * np.sqrt(x @ _LUMA)[..., None]  # shot noise: its variance follows the local brightness
-    return to_uint8(x + scale * (0.85 * shared + 0.35 * own))
+    return to_uint8(x + scale * (0.85 * shared + CAMERA_CHROMA * own))
 
 
 def smooth_mask(hw: tuple[int, int], rng: np.random.Generator, radius: float) -> tuple[np.ndarray, tuple[int, int]]:

@@ -82,8 +82,8 @@ def test_preset_defaults():
     assert (vae.stride, vae.min_side, vae.max_side, vae.mean, vae.std) == (16, 512, 1024, (0.5,) * 3, (0.5,) * 3)
     demo = UniGenDetConfig.from_name("demo")
     vit, vae = vit_transform(demo), vae_transform(demo)
-    assert (vit.stride, vit.max_side, vae.stride, vae.max_side) == (8, 128, 8, 128)
-    assert vit.min_side % 8 == 0 and vae.min_side == 64
+    assert (vit.stride, vit.max_side, vae.stride, vae.max_side) == (4, 64, 8, 64)
+    assert vit.min_side % 4 == 0 and vae.min_side == 32
     custom = vit_transform(bagel, min_side=28, max_side=140, max_pixels=140 * 70)
     assert (custom.min_side, custom.max_side, custom.max_pixels) == (28, 140, 9800)
     # the ViT output never exceeds the position table: max_patches_per_side patches a side
