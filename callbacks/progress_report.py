@@ -22,10 +22,20 @@ import sys
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 from callbacks.detection_metrics import DetectionMetrics, detection_summary
 
 LOSSES = {"det": "train/loss_det", "flow": "train/loss_mse"}
+
+
+def say(trainer: L.Trainer, line: str) -> None:
+    """One line on stderr, through the progress bar when there is one (so it does not land inside the bar)."""
+    bar = trainer.progress_bar_callback
+    if isinstance(bar, TQDMProgressBar) and bar.is_enabled:
+        bar.print(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr, flush=True)
 
 
 class ProgressReport(DetectionMetrics):
@@ -64,8 +74,7 @@ class ProgressReport(DetectionMetrics):
         auroc = "n/a" if row["auroc"] is None else f"{row['auroc']:.3f}"
         fams = " ".join(f"{c} {a:.2f}" for c, a in per.items())
         losses = " ".join(f"{name} {row[name]:.3f}" for name in LOSSES if math.isfinite(row[name]))
-        print(f"[val] step {row['step']}: acc {row['acc']:.3f} AUROC {auroc} | {fams} | {losses}".rstrip(" |"),
-              file=sys.stderr, flush=True)
+        say(trainer, f"[val] step {row['step']}: acc {row['acc']:.3f} AUROC {auroc} | {fams} | {losses}".rstrip(" |"))
         if self._wandb is not None:
             self._wandb.log_metrics({f"{self.key}/cate/{c}/acc": a for c, a in per.items()},
                                     step=trainer.global_step)
@@ -79,6 +88,6 @@ class ProgressReport(DetectionMetrics):
         from unigendet.plots import progress_curves_png
 
         path = progress_curves_png(self.history, self.train, self.curves_path(trainer))
-        print(f"[val] curves: {path}", file=sys.stderr, flush=True)
+        say(trainer, f"[val] curves: {path}")
         if self._wandb is not None:
             self._wandb.log_image(key=f"{self.key}/curves", images=[str(path)], step=trainer.global_step)

@@ -43,7 +43,7 @@ def test_demo_runs_end_to_end_and_reports_json(tmp_path, capsys, monkeypatch):
     assert (out / "corpus" / "manifest.json").exists()
     assert summary["checkpoint"].endswith(".ckpt") and Path(summary["checkpoint"]).exists()
     grid = Image.open(summary["samples"])
-    assert grid.size[0] == 64 and grid.size[1] > 32  # 2 samples of 32 px side by side, their captions below
+    assert grid.size[0] == 256 and grid.size[1] > 128  # 2 samples of 32 px shown at 128 px side by side, captions below
     runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
     assert summary["wandb"] and str(out / "wandb") in summary["wandb"]

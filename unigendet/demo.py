@@ -122,13 +122,18 @@ def sample_grid(pipe, corpus: Path, out: Path, n: int, seed: int, px: int, steps
     """Images for the first ``n`` held-out captions, tiled with each caption under its image; returns the grid's
     path and the samples' mean :func:`~unigendet.demo_metrics.block_ratio` (token-block pattern, ~1 when absent)."""
     import numpy as np
+    from PIL import Image
 
     from unigendet.demo_metrics import block_ratio
     from unigendet.plots import caption_grid
 
     prompts = [json.loads(line)["prompt"] for line in (corpus / "t2i" / "test.jsonl").read_text().splitlines()[:n]]
     images = pipe.generate(prompts, height=px, width=px, steps=steps, seed=seed)
-    grid = caption_grid(images, [f"{i}: {p}" for i, p in enumerate(prompts)], n_cols=min(4, len(images)))
+    # shown at least 128 px wide (nearest neighbour: every generated pixel stays visible as it is), so that the
+    # captions under small samples stay readable
+    zoom = max(1, -(-128 // px))
+    shown = [im.resize((im.width * zoom, im.height * zoom), Image.NEAREST) for im in images]
+    grid = caption_grid(shown, [f"{i}: {p}" for i, p in enumerate(prompts)], n_cols=min(4, len(images)))
     (out / "samples").mkdir(parents=True, exist_ok=True)
     path = out / "samples" / "grid.png"
     grid.save(path)
