@@ -6,7 +6,7 @@ what the full model can reach in the demo's time.
 
 * ``cnn``: 4 conv layers (32/32/64/64 channels, one stride 2), global average pool, linear; random 32x32 crops,
   batches of 64 (the cheapest detector that sees local traces);
-* ``vit``: the ``demo`` preset's own ViT (3 layers, width 96, patch 8) on whole images through the real
+* ``vit``: the ``demo`` preset's own ViT (3 layers, width 96, patch 4, fan-in init) on whole images through the real
   DetectionDataModule (packed, token budget 2048, no VAE split, labels balanced), pooled over each image's tokens
   (``--pool mean``, ``max``, or ``attn``: a learned 4-head attention pooling) into a LayerNorm + linear head: the full
   model's image encoder without the decoder in between. ``--families real,gan_upsample`` keeps only those ``cate``.
