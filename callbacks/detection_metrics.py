@@ -155,18 +155,26 @@ class DetectionMetrics(Callback):
             raise KeyError(f"validation sample ids not among the datamodule's val records: {missing[:5]}")
         return [cate[i] for i in ids]
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def validation_summary(self, trainer: L.Trainer) -> tuple[torch.Tensor, torch.Tensor, dict] | None:
+        """(p(fake), labels, :func:`detection_summary` with categories) of the validation that just ended, on rank
+        zero; None elsewhere, when not collecting, or when it held no detection sample. Every rank must call it (the
+        samples are gathered)."""
         if not self._collecting(trainer):
-            return
+            return None
         ids, p, label = self.gathered(trainer)
         if not trainer.is_global_zero or not len(p):
-            return
-        summary = detection_summary(p, label, self.categories(trainer, ids))
-        self._wandb.log_metrics(self.wandb_entries(p, label, summary), step=trainer.global_step)
+            return None
+        return p, label, detection_summary(p, label, self.categories(trainer, ids))
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        done = self.validation_summary(trainer)
+        if done is not None:
+            self._wandb.log_metrics(self.wandb_entries(*done), step=trainer.global_step)
 
     def wandb_entries(self, p: torch.Tensor, label: torch.Tensor, summary: dict) -> dict:
-        import wandb
         from torchmetrics.functional.classification import binary_roc
+
+        import wandb
 
         entries: dict = {}
         for cate, m in summary.get("per_category", {}).items():

@@ -24,7 +24,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from callbacks.detection_metrics import DetectionMetrics, detection_summary
+from callbacks.detection_metrics import DetectionMetrics
 
 LOSSES = {"det": "train/loss_det", "flow": "train/loss_mse"}
 
@@ -60,12 +60,10 @@ class ProgressReport(DetectionMetrics):
         return sum(values) / len(values) if values else math.nan
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._collecting(trainer):
+        done = self.validation_summary(trainer)
+        if done is None:
             return
-        ids, p, label = self.gathered(trainer)
-        if not trainer.is_global_zero or not len(p):
-            return
-        summary = detection_summary(p, label, self.categories(trainer, ids))
+        summary = done[2]
         per = {c: m["acc"] for c, m in summary.get("per_category", {}).items()}
         previous = self.history[-1]["step"] if self.history else -1
         row = {"step": trainer.global_step, "acc": summary["acc"], "auroc": summary.get("auroc"), "per_family": per,

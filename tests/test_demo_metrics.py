@@ -1,11 +1,11 @@
-"""unigendet/demo_metrics.py: verdict parsing and scores, per-family accuracy, the token-block ratio."""
+"""unigendet/demo_metrics.py: verdict parsing and scores, the token-block ratio."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from unigendet.demo_metrics import block_ratio, per_family_accuracy, verdict, verdict_scores
+from unigendet.demo_metrics import block_ratio, verdict, verdict_scores
 
 
 def test_verdict_is_the_first_real_or_fake_word():
@@ -21,11 +21,6 @@ def test_verdict_scores_count_missing_verdicts_as_wrong():
     assert out == {"verdict_acc": 0.25, "verdict_agreement": 0.5, "no_verdict": 1}
     with pytest.raises(ValueError, match="same length"):
         verdict_scores(["fake"], ["fake", "real"], ["fake"])
-
-
-def test_per_family_accuracy():
-    assert per_family_accuracy([True, False, True, True], ["real", "splice", "splice", "real"]) == {
-        "real": 1.0, "splice": 0.5}
 
 
 def test_block_ratio_separates_token_blocks_from_smooth_images():

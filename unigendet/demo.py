@@ -67,11 +67,13 @@ def train(out: Path, corpus: Path, config: Path, extra: list[str]) -> tuple[Path
 
 
 def evaluate(ckpt: Path, corpus: Path, out: Path, panel: int, seed: int) -> tuple[dict, object]:
+    import math
+
     import torch
-    from torchmetrics.functional.classification import binary_auroc, multiclass_f1_score
     from torchmetrics.text import ROUGEScore
 
-    from unigendet.demo_metrics import per_family_accuracy, verdict_scores
+    from callbacks.detection_metrics import detection_summary
+    from unigendet.demo_metrics import verdict_scores
     from unigendet.images import open_image
     from unigendet.inference import UniGenDetPipeline
     from unigendet.skips import SkipCounter
@@ -90,13 +92,8 @@ def evaluate(ckpt: Path, corpus: Path, out: Path, panel: int, seed: int) -> tupl
     p_fake = []
     for i in range(0, len(images), 16):
         p_fake += [r.p_fake for r in pipe.detect(images[i: i + 16], explain=False)]
-    fake = torch.tensor([int(label == 0) for label in labels])
-    pred = (torch.tensor(p_fake) >= 0.5).long()
-    acc = float((pred == fake).float().mean())
-    f1 = float(multiclass_f1_score(pred, fake, num_classes=2, average="macro"))
-    # AUROC of p(fake); undefined (reported as null) when the test split holds one class only
-    auroc = float(binary_auroc(torch.tensor(p_fake), fake)) if 0 < int(fake.sum()) < len(fake) else None
-    per_family = per_family_accuracy((pred == fake).tolist(), families)
+    # the metrics' one definition (val/, test/, the callbacks); AUROC is null when the split holds one class only
+    head = detection_summary(torch.tensor(p_fake), torch.tensor(labels), families)
     # explanations for a fixed, label-balanced panel
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(images), generator=g).tolist()
@@ -112,8 +109,9 @@ def evaluate(ckpt: Path, corpus: Path, out: Path, panel: int, seed: int) -> tupl
     for j, r in list(zip(chosen, explained, strict=True))[:4]:
         print(f"  p_fake={r.p_fake:.2f} label={'fake' if labels[j] == 0 else 'real'}\n    ours: {r.explanation[:220]}"
               f"\n    ref : {refs[j][:220]}", file=sys.stderr)
-    return {"heldout_acc": round(acc, 4), "heldout_f1": round(f1, 4),
-            "heldout_auroc": None if auroc is None else round(auroc, 4), "per_family": per_family,
+    return {"heldout_acc": round(head["acc"], 4), "heldout_f1": round(head["f1"], 4),
+            "heldout_auroc": None if math.isnan(head["auroc"]) else round(head["auroc"], 4),
+            "per_family": {fam: round(m["acc"], 4) for fam, m in head["per_category"].items()},
             "heldout_rouge_l": round(float(score["rougeL_fmeasure"]), 4), **verdicts, "heldout_images": len(images),
             "explained": len(explained), "skipped": dict(skips.counts)}, pipe
 

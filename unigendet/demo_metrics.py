@@ -1,8 +1,8 @@
-"""Numbers the demo reports beyond accuracy: the explanation's verdict, per-family accuracy, token-block artifacts.
+"""Numbers the demo reports beyond the head's (``callbacks.detection_metrics.detection_summary``): the explanation's
+verdict and token-block artifacts.
 
 * :func:`verdict` - the first "real" or "fake" (whole word, any case) of an explanation, or None;
 * :func:`verdict_scores` - how often that verdict is right, and how often it agrees with the head;
-* :func:`per_family_accuracy` - head accuracy per FakeClue ``cate``;
 * :func:`block_ratio` - mean absolute gradient across the borders of the model's token blocks over the mean inside
   them: about 1 for an image without a block pattern, well above 1 when every token's pixels are made on their own
   (the "8x8 block noise" of an untrained pixel-space generator).
@@ -37,14 +37,6 @@ def verdict_scores(explanations: Sequence[str | None], labels: Sequence[str],
     return {"verdict_acc": round(sum(v == y for v, y in zip(verdicts, labels, strict=True)) / n, 4),
             "verdict_agreement": round(sum(v == h for v, h in zip(verdicts, head, strict=True)) / n, 4),
             "no_verdict": sum(v is None for v in verdicts)}
-
-
-def per_family_accuracy(correct: Sequence[bool], families: Sequence[str]) -> dict[str, float]:
-    """{family: share of correct head predictions}, families sorted by name."""
-    out: dict[str, list[bool]] = {}
-    for ok, fam in zip(correct, families, strict=True):
-        out.setdefault(fam, []).append(bool(ok))
-    return {fam: round(sum(v) / len(v), 4) for fam, v in sorted(out.items())}
 
 
 def block_ratio(image: np.ndarray, block: int) -> float:

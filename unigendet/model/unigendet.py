@@ -102,12 +102,9 @@ class UniGenDet(nn.Module):
                 part.init_weights()
                 continue
             for module in part.modules():
-                if isinstance(module, nn.Linear) and self.cfg.weight_init == "fan_in":
-                    nn.init.normal_(module.weight, std=module.in_features**-0.5)
-                    if module.bias is not None:
-                        nn.init.zeros_(module.bias)
-                elif isinstance(module, (nn.Linear, nn.Embedding)):
-                    nn.init.normal_(module.weight, std=std)
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    fan_in = isinstance(module, nn.Linear) and self.cfg.weight_init == "fan_in"
+                    nn.init.normal_(module.weight, std=module.in_features**-0.5 if fan_in else std)
                     if getattr(module, "bias", None) is not None:
                         nn.init.zeros_(module.bias)
                 elif isinstance(module, nn.LayerNorm):
