@@ -18,8 +18,9 @@ def test_demo_runs_end_to_end_and_reports_json(tmp_path, capsys, monkeypatch):
         monkeypatch.setenv(var, str(tmp_path / "wandb-home"))
     out = tmp_path / "run"
     code = main_demo(["--out", str(out), "--small", "--panel", "2", "--samples", "2", "--sample-px", "32",
-                      "--sample-steps", "2", "--trainer.max_steps=3", "--trainer.val_check_interval=3",
-                      "--trainer.limit_val_batches=2", "--data.num_workers=0", "--trainer.enable_progress_bar=false"])
+                      "--sample-steps", "2", "--fd-samples", "4", "--trainer.max_steps=3",
+                      "--trainer.val_check_interval=3", "--trainer.limit_val_batches=2", "--data.num_workers=0",
+                      "--trainer.enable_progress_bar=false"])
     assert code == 0
     captured = capsys.readouterr()
     lines = captured.out.strip().splitlines()
@@ -28,10 +29,14 @@ def test_demo_runs_end_to_end_and_reports_json(tmp_path, capsys, monkeypatch):
     assert f"Detection: {100 * summary['heldout_acc']:.0f}% of {summary['heldout_images']} held-out images" \
         in captured.err
     assert f"block ratio {summary['block_ratio']:.2f}" in captured.err
+    assert f"held-out real images {summary['fd_after']:.2f}, {summary['fd_before']:.2f} before training" in captured.err
     assert re.search(r"\[val\] step 3: acc \d\.\d{3} AUROC", captured.err), captured.err[-2000:]
     assert (out / "curves.png").is_file()
     assert {"heldout_acc", "heldout_f1", "heldout_auroc", "per_family", "heldout_rouge_l", "verdict_acc",
-            "verdict_agreement", "no_verdict", "block_ratio", "train_seconds", "checkpoint", "samples"} <= set(summary)
+            "verdict_agreement", "no_verdict", "block_ratio", "fd_before", "fd_after", "train_seconds", "checkpoint",
+            "samples"} <= set(summary)
+    # two different networks (initial and trained weights) give different samples, both at a positive distance
+    assert summary["fd_before"] > 0 and summary["fd_after"] > 0 and summary["fd_before"] != summary["fd_after"]
     assert 0.0 <= summary["heldout_acc"] <= 1.0 and 0.0 <= summary["heldout_f1"] <= 1.0
     assert 0.0 <= summary["heldout_auroc"] <= 1.0  # the --small test split holds both classes
     assert set(summary["per_family"]) == {"real", "gan_upsample", "spectral", "diffusion_like", "splice"}

@@ -37,3 +37,41 @@ def test_block_ratio_separates_token_blocks_from_smooth_images():
     assert block_ratio(patchy, 8) > 1.3
     with pytest.raises(ValueError, match="at least 16"):
         block_ratio(np.zeros((8, 32)), 8)
+
+
+def _images(arrays):
+    from PIL import Image
+
+    return [Image.fromarray(np.clip(a * 255, 0, 255).astype(np.uint8)) for a in arrays]
+
+
+def test_frechet_distance_is_zero_for_equal_sets_and_grows_with_a_shift():
+    from unigendet.demo_metrics import frechet_distance
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((500, 6))
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    # two Gaussians with identity covariance: the distance is the squared mean gap
+    assert frechet_distance(a, a + 2.0) == pytest.approx(6 * 4.0, rel=1e-6)
+    # a covariance change alone: N(0, I) against N(0, 4 I) in 6 dims is 6 * (1 + 4 - 2 * 2) = 6
+    assert frechet_distance(rng.standard_normal((20000, 6)), 2 * rng.standard_normal((20000, 6))) == \
+        pytest.approx(6.0, rel=0.05)
+    with pytest.raises(ValueError, match="same D"):
+        frechet_distance(a, a[:, :3])
+
+
+def test_fd_features_tell_block_noise_from_smooth_images():
+    from unigendet.demo_metrics import fd_features, frechet_distance
+
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:48, 0:40] / 48.0
+
+    def smooth():  # random colour ramps, any size: the features crop to a square and resize to 32 px
+        c0, c1 = rng.random(3), rng.random(3)
+        return c0 + (c1 - c0) * (0.5 * yy + 0.5 * xx)[..., None]
+
+    real = fd_features(_images([smooth() for _ in range(200)]))
+    assert real.shape == (200, 3 * 16 + 8)
+    other_smooth = fd_features(_images([smooth() for _ in range(64)]))
+    blocks = fd_features(_images([np.kron(rng.random((4, 4, 3)), np.ones((8, 8, 1))) for _ in range(64)]))
+    assert frechet_distance(blocks, real) > 5 * frechet_distance(other_smooth, real)

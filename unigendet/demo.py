@@ -6,11 +6,14 @@
 3. evaluates the last checkpoint's EMA weights on the held-out test split: detection accuracy / macro-F1 from the
    head over every test image, explanations (KV-cache decoding) for a panel of images with ROUGE-L against the
    reference explanations, a few of them printed next to their references;
-4. generates a grid of images for held-out captions (``demo-run/samples/grid.png``);
+4. generates a grid of images for held-out captions (``demo-run/samples/grid.png``), and 32-px samples for the first
+   64 held-out captions from the trained model and from the same network untrained (its initial weights, rebuilt from
+   the seed): their Frechet distance to the held-out real images (``unigendet.demo_metrics.fd_features``) is
+   ``fd_after`` and ``fd_before``;
 5. prints, as its LAST stdout line, one JSON summary: heldout_acc, heldout_f1, heldout_auroc, per_family (head
    accuracy per family), heldout_rouge_l, verdict_acc / verdict_agreement (the explanation's first "real"/"fake" against
-   the label / the head), no_verdict, block_ratio (token-block pattern of the samples, ~1 when absent), train_seconds,
-   checkpoint, samples (and where the W&B run is).
+   the label / the head), no_verdict, block_ratio (token-block pattern of the samples, ~1 when absent), fd_before /
+   fd_after, train_seconds, checkpoint, samples (and where the W&B run is).
 
 This module orchestrates the application (corpus builder, DataModule, trainer); it imports ``data_modules`` only
 inside functions, like the CLI.
@@ -141,17 +144,55 @@ def sample_grid(pipe, corpus: Path, out: Path, n: int, seed: int, px: int, steps
     return path, ratio
 
 
-def plain_summary(m: dict, block_ratio: float, grid: Path) -> str:
+def untrained_engine(pipe, ckpt: Path):
+    """The network the run started from: same config, initialised like ``LitUniGenDet.configure_model`` (its seed,
+    ``init_weights``), without touching the global random state."""
+    import torch
+
+    from unigendet.checkpoint import safe_torch_load
+    from unigendet.inference import Engine
+    from unigendet.model.unigendet import UniGenDet
+
+    seed = int(safe_torch_load(ckpt)["hyper_parameters"].get("seed", 0))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = UniGenDet(pipe.cfg)
+        model.init_weights()
+    return Engine(model, pipe.tok)
+
+
+def frechet_before_after(pipe, ckpt: Path, corpus: Path, n: int, seed: int, steps: int) -> tuple[float, float]:
+    """(fd_before, fd_after): 32-px Frechet distance of the untrained and the trained model's samples for the first
+    ``n`` held-out captions against all held-out real images (the t2i test split)."""
+    from unigendet.demo_metrics import FD_PX, fd_features, frechet_distance
+    from unigendet.images import open_image
+    from unigendet.skips import SkipCounter
+
+    lines = [json.loads(line) for line in (corpus / "t2i" / "test.jsonl").read_text().splitlines()]
+    skips = SkipCounter()
+    real = [open_image(r["image_path"], skips, f"t2i/test.jsonl:{i}", root=corpus / "t2i") for i, r in enumerate(lines)]
+    real_feats = fd_features([im for im in real if im is not None])
+    prompts = [r["prompt"] for r in lines[:n]]
+    out = []
+    for engine in (untrained_engine(pipe, ckpt), pipe):
+        images = engine.generate(prompts, height=FD_PX, width=FD_PX, steps=steps, seed=seed)
+        out.append(round(frechet_distance(fd_features(images), real_feats), 3))
+    return out[0], out[1]
+
+
+def plain_summary(m: dict, grid: Path) -> str:
     """What the numbers say, in words (printed before the JSON line)."""
     auroc = "" if m.get("heldout_auroc") is None else f", AUROC {m['heldout_auroc']:.2f}"
     fams = ", ".join(f"{fam} {100 * acc:.0f}%" for fam, acc in m["per_family"].items())
     n = m["explained"]
-    blocks = "token blocks visible" if block_ratio > 1.3 else "no token-block pattern"
+    blocks = "token blocks visible" if m["block_ratio"] > 1.3 else "no token-block pattern"
     return (f"[demo] Detection: {100 * m['heldout_acc']:.0f}% of {m['heldout_images']} held-out images right{auroc} "
             f"(by family: {fams}).\n"
             f"[demo] Explanations: the verdict is right for {round(m['verdict_acc'] * n)} of {n} held-out images and "
             f"agrees with the head for {round(m['verdict_agreement'] * n)}; ROUGE-L {m['heldout_rouge_l']:.2f}.\n"
-            f"[demo] Samples: {grid}, block ratio {block_ratio:.2f} ({blocks}; about 1 means none).")
+            f"[demo] Samples: {grid}, block ratio {m['block_ratio']:.2f} ({blocks}; about 1 means none); 32-px Frechet "
+            f"distance to held-out real images {m['fd_after']:.2f}, {m['fd_before']:.2f} before training "
+            f"({m['fd_after'] / max(m['fd_before'], 1e-9):.0%} of it; lower is better).")
 
 
 def main_demo(argv: list[str] | None = None) -> int:
@@ -164,6 +205,7 @@ def main_demo(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--sample-px", type=int, default=48)
     ap.add_argument("--sample-steps", type=int, default=25)
+    ap.add_argument("--fd-samples", type=int, default=64, help="held-out captions sampled for fd_before / fd_after")
     ap.add_argument("overrides", nargs="*", help="extra LightningCLI overrides, e.g. --trainer.max_steps=50")
     args, unknown = ap.parse_known_args(argv)
     out = Path(args.out)
@@ -172,9 +214,11 @@ def main_demo(argv: list[str] | None = None) -> int:
     ckpt, seconds, wandb_dir = train(out, corpus, Path(args.config), [*args.overrides, *unknown])
     metrics, pipe = evaluate(ckpt, corpus, out, args.panel, args.seed)
     grid, ratio = sample_grid(pipe, corpus, out, args.samples, args.seed, args.sample_px, args.sample_steps)
+    fd_before, fd_after = frechet_before_after(pipe, ckpt, corpus, args.fd_samples, args.seed, args.sample_steps)
+    metrics.update(block_ratio=round(ratio, 3), fd_before=fd_before, fd_after=fd_after)
     print(f"[demo] samples: {grid}; W&B offline run: {wandb_dir} (sync with `wandb sync {wandb_dir}`)",
           file=sys.stderr)
-    print(plain_summary(metrics, ratio, grid), file=sys.stderr)
-    print(json.dumps({**metrics, "block_ratio": round(ratio, 3), "train_seconds": round(seconds, 1),
+    print(plain_summary(metrics, grid), file=sys.stderr)
+    print(json.dumps({**metrics, "train_seconds": round(seconds, 1),
                       "checkpoint": str(ckpt), "samples": str(grid), "wandb": wandb_dir}))
     return 0
