@@ -64,6 +64,7 @@ class Measurements:
     grad_kurtosis: float  # kurtosis of horizontal luminance differences (3 = Gaussian)
     spectral_slope: float  # log-log slope of the radial power spectrum
     peaks: dict[int, float]  # period -> peak ratio (max over the axis and diagonal frequencies)
+    peak_dirs: dict[int, str]  # period -> "axes" or "diagonals": where that maximum lies
     peak_regions: np.ndarray  # (3, 3) Nyquist (checkerboard) periodogram over mean power, per region
     chroma_peak: float  # max peak ratio on the R-B channel (colour fringes)
     anisotropy: float  # horizontal / vertical gradient energy
@@ -88,8 +89,9 @@ def _grid(h: int, w: int) -> list[list[tuple[slice, slice]]]:
     return [[(slice(ys[i], ys[i + 1]), slice(xs[j], xs[j + 1])) for j in range(3)] for i in range(3)]
 
 
-def _peak_ratios(x: np.ndarray, periods: tuple[int, ...] = PERIODS) -> dict[int, float]:
-    """Periodogram peak over its radial neighbours at the up-sampling frequencies of each period.
+def _peak_ratios(x: np.ndarray, periods: tuple[int, ...] = PERIODS) -> tuple[dict[int, float], dict[int, str]]:
+    """Periodogram peak over its radial neighbours at the up-sampling frequencies of each period, and where the
+    strongest one lies for each period ("axes" or "diagonals").
 
     The high-passed, Hann-windowed periodogram is max-filtered over 3x3 bins (a windowed line spreads over one bin
     each side). For each target frequency (1/p on either axis and both diagonals) the ratio is its value over the
@@ -109,8 +111,9 @@ def _peak_ratios(x: np.ndarray, periods: tuple[int, ...] = PERIODS) -> dict[int,
     scales = np.concatenate([1 - offsets / r, 1 + offsets / r], 1)  # (targets, 8) along the radial line
     ref = np.median(p[np.rint(by[:, None] * scales).astype(int) % h, np.rint(bx[:, None] * scales).astype(int) % w], 1)
     peak = p[np.rint(by).astype(int) % h, np.rint(bx).astype(int) % w]
-    ratio = (peak / (ref + 1e-12)).reshape(len(periods), 4).max(1)
-    return {q: float(v) for q, v in zip(periods, ratio, strict=True)}
+    ratio = (peak / (ref + 1e-12)).reshape(len(periods), 4)
+    return {q: float(v) for q, v in zip(periods, ratio.max(1), strict=True)}, \
+        {q: "diagonals" if v[2:].max() > v[:2].max() else "axes" for q, v in zip(periods, ratio, strict=True)}
 
 
 def _checker_score(hp: np.ndarray, sy: np.ndarray, sx: np.ndarray) -> float:
@@ -118,6 +121,13 @@ def _checker_score(hp: np.ndarray, sy: np.ndarray, sx: np.ndarray) -> float:
     n = hp.size
     power = (hp**2).mean() + 1e-12
     return float(max(n * ((hp * s).mean()) ** 2 for s in (sy, sx, sy * sx)) / power)
+
+
+def _checker_masked(hp: np.ndarray, sy: np.ndarray, sx: np.ndarray, mask: np.ndarray) -> float:
+    """:func:`_checker_score` over the pixels of a boolean ``mask`` (any shape of region)."""
+    v = hp[mask]
+    power = (v**2).mean() + 1e-12
+    return float(max(v.size * ((v * s[mask]).mean()) ** 2 for s in np.broadcast_arrays(sy, sx, sy * sx)) / power)
 
 
 def _spectral_slope(y: np.ndarray) -> float:
@@ -209,13 +219,15 @@ def measure(img: np.ndarray, mask: np.ndarray | None = None) -> Measurements:
     wrap = (np.abs(y255[:, 0] - y255[:, -1]).mean() + np.abs(y255[0] - y255[-1]).mean()) / (
         np.abs(dx).mean() + np.abs(dy).mean() + 1e-9
     )
+    peaks, peak_dirs = _peak_ratios(y)
     m = Measurements(
         height=h, width=w, brightness=float(y.mean()), contrast=float(y.std()), saturation=saturation, gray=gray,
         hue=hue, cast=cast, noise=float(noise_map.mean()), noise_regions=noise_regions,
         noise_cv=float(noise_regions.std() / (noise_regions.mean() + 1e-9)), smooth_fraction=float(smooth.mean()),
         smooth_regions=smooth_regions, edge_density=float((gmag > 20.0).mean()),
-        grad_kurtosis=float((dx**4).mean() / m2**2), spectral_slope=_spectral_slope(y), peaks=_peak_ratios(y),
-        peak_regions=peak_regions, chroma_peak=0.0 if gray else max(_peak_ratios(x[..., 0] - x[..., 2]).values()),
+        grad_kurtosis=float((dx**4).mean() / m2**2), spectral_slope=_spectral_slope(y), peaks=peaks,
+        peak_dirs=peak_dirs, peak_regions=peak_regions,
+        chroma_peak=0.0 if gray else max(_peak_ratios(x[..., 0] - x[..., 2])[0].values()),
         anisotropy=float((gx**2).mean() / ((gy**2).mean() + 1e-9)), wrap_ratio=float(wrap),
     )
     if mask is not None and mask.any() and (~mask).any():
@@ -231,6 +243,7 @@ def measure(img: np.ndarray, mask: np.ndarray | None = None) -> Measurements:
             "seam_ratio": float(np.abs(gmag[edge]).mean() / (gmag.mean() + 1e-9)),
             "detail_in": float(lap[inner].mean()),
             "detail_out": float(lap[~ndimage.binary_dilation(mask, iterations=2)].mean()),
+            "grid_in": _checker_masked(hp, sy, sx, mask), "grid_out": _checker_masked(hp, sy, sx, ~mask),
         }
     return m
 
@@ -340,6 +353,9 @@ def _spectral(m: Measurements, rng: np.random.Generator) -> list[str]:
     elif m.anisotropy < 1 / 1.3:
         stretch = ", and the blobs are stretched horizontally"
     out.append(f"The spectrum is a clean power law (slope {m.spectral_slope:.1f}) with random phases{stretch}.")
+    if m.peaks[4] > PEAK_THRESHOLD:
+        out.append(f"A faint regular grid lies over it: the spectrum peaks at 1/4 of the sampling frequency on the "
+                   f"{m.peak_dirs[4]}, {_times(m.peaks[4])} above its surroundings, a fingerprint of the synthesis.")
     if m.wrap_ratio < 1.6:
         out.append("The left and right borders continue into each other, as if the image were one tile of a periodic "
                    "texture.")
@@ -357,6 +373,10 @@ def _diffusion(m: Measurements, subject: str, rng: np.random.Generator) -> list[
            f"grain is removed, {where}."]
     out.append(f"A fine, uniform grain of about {m.noise:.1f} grey levels covers the whole frame and varies only "
                f"{100 * m.noise_cv:.0f}% between regions instead of following the content.")
+    if m.peaks[4] > PEAK_THRESHOLD:
+        out.append(f"A faint grid repeats every 4 pixels (a spectral peak at 1/4 of the sampling frequency on the "
+                   f"{m.peak_dirs[4]}, {_times(m.peaks[4])} above its surroundings): the trace of the decoder that "
+                   "turned the latent into pixels.")
     out.append(f"Shapes are vague, blotchy outlines of {subject}, with soft plateaus and no fine texture.")
     out.append(_colour_sentence(m, rng, fake=True))
     return out
@@ -384,6 +404,10 @@ def _splice(m: Measurements, info: dict, rng: np.random.Generator) -> list[str]:
         tint = f" and {'warmer' if s['warm_shift'] > 0 else 'cooler'}"
     out.append(f"Inside the patch the image is {abs(100 * dl):.0f}% {'brighter' if dl > 0 else 'darker'}{tint} than "
                "its surroundings, so the lighting does not match.")
+    if s["grid_in"] > PEAK_THRESHOLD and s["grid_in"] > 3 * s["grid_out"]:
+        out.append(f"Inside it, neighbouring pixels alternate in a fine two-pixel pattern that stops at its border "
+                   f"(energy at half the sampling frequency {s['grid_in']:.0f} times the noise inside, "
+                   f"{s['grid_out']:.0f} outside): the interpolation residue of the resampled donor.")
     ratio = s["detail_in"] / (s["detail_out"] + 1e-6)
     if ratio > 1.25 or ratio < 0.8:
         kind = "sharper or noisier" if ratio > 1 else "blurrier"

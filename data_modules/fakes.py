@@ -10,12 +10,17 @@ corpus is byte-identical for a given seed. Features:
                        sampling frequency, strongest inside a random blob of the frame.
 * ``spectral``       - random-phase synthesis with a natural 1/f amplitude spectrum (random slope and anisotropy),
                        coloured by the mean and covariance of a real crop: right global statistics, but Gaussian
-                       gradients, no edges or objects, and a periodic (wrap-around) frame.
+                       gradients, no edges or objects, a periodic (wrap-around) frame, and a faint period-4 grid
+                       (spectral peaks at 1/4 of the sampling frequency on the axes, the kind of fingerprint
+                       Frank et al. 2020 and Corvi et al. 2023 find in generated images).
 * ``diffusion_like`` - an iterative denoise-from-noise loop (blur + unsharp "denoiser", pull toward a coarse layout
                        of a real crop, decreasing noise schedule, Perona-Malik smoothing) that ends with waxy
-                       plateaus and a uniform, content-independent grain.
+                       plateaus, a uniform, content-independent grain and the latent decoder's faint grid (period 4,
+                       peaks on the diagonals).
 * ``splice``         - copy-move / splice composites of two real crops: a pasted rectangle or ellipse with a colour
-                       and brightness mismatch, a resampled or re-noised donor, and a hard or barely feathered seam.
+                       and brightness mismatch, a resampled donor whose interpolation leaves a two-pixel periodic
+                       residue inside the region (Popescu & Farid 2005), blurred / re-noised / sharpened or not, and
+                       a hard or barely feathered seam.
 
 Every generator returns a :class:`FakeResult` (uint8 ``(H, W, 3)`` image + an ``info`` dict of what it did); the
 explanations in :mod:`data_modules.explain` are written from measurements of the pixels, using ``info`` only to name
@@ -41,11 +46,17 @@ GAN_IMBALANCE = (0.2, 0.35)  # relative gap between the even and odd tap sums of
 GAN_BLOB_FLOOR = 0.75  # weight of the checkerboard decode outside the artifact blob (1 = the whole frame)
 SPECTRAL_BETA = (0.85, 1.35)  # amplitude-spectrum slope of the random-phase synthesis
 DIFFUSION_GRAIN = (0.025, 0.06)  # sigma of the final grain, as a fraction of the range
-SPLICE_SIDE = (0.3, 0.6)  # side of the pasted region, as a fraction of the host's
+SPLICE_SIDE = (0.5, 0.75)  # side of the pasted region, as a fraction of the host's
 SPLICE_GAIN = (0.1, 0.25)  # brightness mismatch of the pasted region
 SPLICE_TREATMENTS = ("blur", "noise", "sharpen", "none")  # what is done to the donor region (drawn uniformly)
 SPLICE_NOISE = (0.015, 0.04)  # sigma of a re-noised donor
-CAMERA_NOISE = (0.0, 0.08)  # sigma at full brightness of the shot noise given to every real crop ((0, 0): none)
+SPLICE_SCALE = (-0.35, 0.35)  # log of the donor region's resampling factor (donor side / pasted side)
+SPLICE_GRID = (0.03, 0.05)  # amplitude of the periodic interpolation residue of the resampled donor region
+SPLICE_GRID_PERIOD = 2  # its period in pixels
+SPECTRAL_GRID = (0.03, 0.05)  # amplitude (fraction of the range) of the period-4 grid of the synthesis' spectral peaks
+DIFFUSION_GRID = (0.015, 0.03)  # amplitude of the latent decoder's periodic grid (0: none)
+DIFFUSION_GRID_PERIOD = 4  # its period in pixels (peaks on the diagonals at 1 / period)
+CAMERA_NOISE = (0.03, 0.09)  # sigma at full brightness of the shot noise given to every real crop ((0, 0): none)
 CAMERA_CHROMA = 0.0  # weight of a per-channel part of that noise (the shared, luminance part weighs 0.85)
 
 
@@ -105,6 +116,21 @@ def camera_noise(img: np.ndarray, rng: np.random.Generator,
     own = np.zeros((h, w, 1)) if is_gray(img) else rng.standard_normal((h, w, 3))
     scale = sigma * np.sqrt(x @ _LUMA)[..., None]  # shot noise: its variance follows the local brightness
     return to_uint8(x + scale * (0.85 * shared + CAMERA_CHROMA * own))
+
+
+def periodic_grid(hw: tuple[int, int], period: int, amp_range: tuple[float, float], rng: np.random.Generator,
+                  diagonal: bool = False) -> np.ndarray:
+    """A generator's periodic fingerprint, ``(H, W, 1)``, with amplitude ``a`` drawn from ``amp_range`` and a random
+    phase: ``a * (cos(w (y + py)) + cos(w (x + px)))`` (spectral peaks on the axes, at 1/period of the sampling
+    frequency), or with ``diagonal`` ``2 a * cos(w (y + py)) * cos(w (x + px))`` (peaks on the diagonals);
+    ``w = 2 pi / period``. Zeros (nothing drawn) when the range is 0."""
+    if amp_range[1] <= 0:
+        return np.zeros((*hw, 1))
+    amp = float(rng.uniform(*amp_range))
+    py, px = rng.integers(0, period, size=2)
+    yy, xx = np.mgrid[0 : hw[0], 0 : hw[1]]
+    cy, cx = np.cos(2 * np.pi / period * (yy + py)), np.cos(2 * np.pi / period * (xx + px))
+    return amp * (2 * cy * cx if diagonal else cy + cx)[..., None]
 
 
 def smooth_mask(hw: tuple[int, int], rng: np.random.Generator, radius: float) -> tuple[np.ndarray, tuple[int, int]]:
@@ -236,6 +262,7 @@ def spectral(hw: tuple[int, int], colour_ref: np.ndarray, rng: np.random.Generat
     contrast = float(rng.uniform(0.8, 1.2))
     out = mean + contrast * (z * np.sqrt(np.clip(evals, 0, None))) @ evecs.T
     out = out.reshape(hw[0], hw[1], 3)
+    out = out + periodic_grid(hw, 4, SPECTRAL_GRID, rng)
     if is_gray(colour_ref):
         out = gray_rgb(out)
     info = {"beta": round(beta, 3), "anisotropy": round(aniso, 3), "colour_rho": round(rho, 3)}
@@ -293,7 +320,8 @@ def diffusion_like(content: np.ndarray, rng: np.random.Generator) -> FakeResult:
     kappa = float(rng.uniform(0.03, 0.08))
     x = _perona_malik(x, n_pm, kappa).astype(np.float64)
     noise = rng.standard_normal((h, w, 1 if gray else 3))
-    x = x + grain * noise
+    x = x + grain * noise + periodic_grid((h, w), DIFFUSION_GRID_PERIOD, DIFFUSION_GRID, rng,
+                                                  diagonal=True)
     if gray:
         x = gray_rgb(x)
     info = {"n_steps": n_steps, "grain": round(grain, 4), "smoothing_iters": n_pm, "layout_factor": layout_factor}
@@ -323,7 +351,7 @@ def splice(host: np.ndarray, donor: np.ndarray, rng: np.random.Generator, copy_m
     ph = int(rng.integers(int(SPLICE_SIDE[0] * h), int(SPLICE_SIDE[1] * h) + 1))
     pw = int(rng.integers(int(SPLICE_SIDE[0] * w), int(SPLICE_SIDE[1] * w) + 1))
     # The donor region is resampled by a random scale (resampling trace) to the patch size.
-    scale = float(np.exp(rng.uniform(-0.35, 0.35)))
+    scale = float(np.exp(rng.uniform(*SPLICE_SCALE)))
     sh, sw = min(donor.shape[0], max(8, int(ph * scale))), min(donor.shape[1], max(8, int(pw * scale)))
     dy, dx = int(rng.integers(0, donor.shape[0] - sh + 1)), int(rng.integers(0, donor.shape[1] - sw + 1))
     patch = to_float(resize(np.ascontiguousarray(donor[dy : dy + sh, dx : dx + sw]), (ph, pw), Image.BILINEAR))
@@ -334,6 +362,7 @@ def splice(host: np.ndarray, donor: np.ndarray, rng: np.random.Generator, copy_m
         patch = patch + float(rng.uniform(*SPLICE_NOISE)) * rng.standard_normal(patch.shape[:2])[..., None]
     elif treatment == "sharpen":
         patch = patch + 1.0 * (patch - ndimage.gaussian_filter(patch, sigma=(1.0, 1.0, 0)))
+    patch = patch + periodic_grid((ph, pw), SPLICE_GRID_PERIOD, SPLICE_GRID, rng)
     gain = 1.0 + float(rng.choice([-1, 1])) * rng.uniform(*SPLICE_GAIN) + rng.uniform(-0.08, 0.08, size=3)
     patch = patch * gain
     y0, x0 = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
