@@ -5,14 +5,16 @@ detection / generation pass over the same EMA weights."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.inception_file import inception_weights  # noqa: F401  (a fixture)
-from tests.test_resume import SMALL, corpus, fit_command, run  # noqa: F401  (corpus is a fixture)
+from tests.test_resume import REPO, SMALL, corpus, fit_command, run  # noqa: F401  (corpus is a fixture)
 from unigendet.evaluation import EvalConfig, flat_metrics, markdown, summarize_detection
 from unigendet.text_metrics import css, parse_label, rouge_l
 
@@ -543,3 +545,26 @@ def test_a_detection_split_without_readable_images_is_reported():
                                                                   "skipped": {"unreadable_image": 2}},
                      "world_size": 1, "seconds": 0.0})
     assert "no readable image among 2 records" in text and "unreadable_image" in text
+
+
+def test_a_checkpoint_refuses_a_data_tokenizer_it_was_not_trained_with(corpus, tmp_path):  # noqa: F811
+    """Two demo corpora (two seeds) train two different BPE vocabularies: scoring a checkpoint with the other one
+    used to run and report a CE of 7.7 and garbled explanations; now it stops with what to pass instead."""
+    root = tmp_path / "run"
+    run(fit_command(corpus, root, "--trainer.max_steps=1"), tmp_path / "fit.log")
+    other = json.loads((corpus / "tokenizer.json").read_text())
+    vocab = other["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[300:302]  # two ordinary tokens swap ids: same size, other meaning
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    tok = tmp_path / "other_tokenizer.json"
+    tok.write_text(json.dumps(other))
+    cmd = eval_command(corpus, root, root / "ckpt" / "last.ckpt", tmp_path / "eval", tmp_path / "no-weights.pth",
+                       f"--data.tokenizer={tok}", "--model.evaluation.generation=false")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "is not the one this checkpoint was trained with" in proc.stderr, proc.stderr[-2000:]
+    # the training tokenizer itself passes the check (the same command runs to its report)
+    run(eval_command(corpus, root, root / "ckpt" / "last.ckpt", tmp_path / "eval2", tmp_path / "no-weights.pth",
+                     "--model.evaluation.generation=false"), tmp_path / "eval2.log")
+    assert (tmp_path / "eval2" / "results.json").is_file()

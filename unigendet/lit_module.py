@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -653,6 +654,7 @@ class LitUniGenDet(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()
         extra = checkpoint.get("unigendet", {})
+        self._check_tokenizer(extra.get("tokenizer_json"))
         self.counters.update(extra.get("counters", {}))
         ranks = extra.get("ranks") or []
         rank, size = world()
@@ -666,6 +668,18 @@ class LitUniGenDet(L.LightningModule):
             log.warning("checkpoint written by %d processes, resumed by %d: weights and optimiser states are "
                         "resharded exactly; RNG states are not restored and each data stream restarts its record "
                         "epoch", len(ranks), size)
+
+    def _check_tokenizer(self, saved: str | None) -> None:
+        """A checkpoint's token ids mean nothing under another tokenizer (the demo corpus trains its own BPE, so two
+        seeds give two vocabularies): refuse to resume or evaluate with a data tokenizer that differs from the one
+        the checkpoint was trained with."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        tok = getattr(dm, "tok", None)
+        if saved is None or tok is None or json.loads(tok.path.read_text()) == json.loads(saved):
+            return
+        raise ValueError(f"the data's tokenizer ({tok.path}) is not the one this checkpoint was trained with, so its "
+                         "token ids would be misread; pass --data.tokenizer=<the tokenizer.json of the training data> "
+                         "(for `make demo`: demo-run/corpus/tokenizer.json)")
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._pending_rng is not None:
