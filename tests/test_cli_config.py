@@ -246,6 +246,21 @@ def test_each_noise_filter_silences_its_message_and_nothing_else():
     assert [str(w.message) for w in caught] == ["a warning of our own", "torch: some new deprecation"]
 
 
+def test_evaluation_filters_apply_to_evaluation_only():
+    """A resumed fit still warns that the checkpoint folder changed; `unigendet test` of a checkpoint does not."""
+    from unigendet import noise
+
+    [n] = noise.EVALUATION_WARNINGS
+    sample = "The dirpath has changed from 'a' to 'b', therefore ... won't be reloaded."
+    for evaluation, shown in ((False, [sample]), (True, [])):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.resetwarnings()  # an in-process `unigendet test` earlier in the session installed the filter
+            warnings.simplefilter("always")
+            noise.install(evaluation=evaluation)
+            warnings.warn(sample, n.category, stacklevel=1)
+        assert [str(w.message) for w in caught] == shown
+
+
 def test_noise_filters_match_what_the_libraries_print():
     """Each filtered message is still the text its library prints (a library that rewords one would make the
     filter silently stop working): the source files named in noise.py contain it."""
@@ -254,7 +269,7 @@ def test_noise_filters_match_what_the_libraries_print():
 
     from unigendet import noise
 
-    for n in [*noise.WARNINGS, *noise.LOG_LINES]:
+    for n in [*noise.WARNINGS, *noise.EVALUATION_WARNINGS, *noise.LOG_LINES]:
         root = Path(importlib.util.find_spec(n.source.split(".")[0]).origin).parent
         literal = n.printed_as or re.sub(r"\\(.)", r"\1", n.message)
         hits = [p for p in root.rglob("*.py") if literal in p.read_text(errors="ignore")]

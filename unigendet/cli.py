@@ -358,8 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from unigendet import noise
 
-    noise.install()
     argv = sys.argv[1:] if argv is None else list(argv)
+    noise.install(evaluation=bool(argv) and argv[0] in ("test", "validate", "predict"))
     if argv and argv[0] in DELEGATED:
         return DELEGATED[argv[0]](argv[1:])
     if argv and argv[0] in LIGHTNING_COMMANDS:

@@ -47,6 +47,14 @@ WARNINGS: list[Noise] = [
           "srun, and single-process runs need none"),
 ]
 
+# only when a checkpoint is evaluated (`unigendet test / validate / predict --ckpt_path ...`), not when training resumes
+EVALUATION_WARNINGS: list[Noise] = [
+    Noise(r"The dirpath has changed from", "lightning.pytorch.callbacks",
+          "evaluating a checkpoint restores its ModelCheckpoint state into a run with another folder (a new W&B run "
+          "id, or no logger); an evaluation saves no checkpoints, so the top-k bookkeeping it drops is unused. A "
+          "resumed fit still shows it"),
+]
+
 # rank_zero_info lines (logger "lightning.pytorch.utilities.rank_zero") that advertise other products
 LOG_LINES: list[Noise] = [
     Noise("💡 Tip: For seamless cloud", "lightning.pytorch.trainer.connectors",
@@ -64,9 +72,10 @@ _LINE_FILTER = _DropLines()
 LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 
 
-def install() -> None:
-    """Filter the warnings above (idempotent) and quiet W&B's status lines unless ``WANDB_SILENT`` is set."""
-    for n in WARNINGS:
+def install(evaluation: bool = False) -> None:
+    """Filter the warnings above (idempotent; with ``evaluation`` also :data:`EVALUATION_WARNINGS`) and quiet W&B's
+    status lines unless ``WANDB_SILENT`` is set."""
+    for n in [*WARNINGS, *(EVALUATION_WARNINGS if evaluation else [])]:
         category = n.category
         # Lightning's rank_zero_warn uses its own subclasses of UserWarning; filter the whole family
         warnings.filterwarnings("ignore", message=n.message, category=Warning if category is UserWarning else category)
