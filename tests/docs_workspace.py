@@ -3,6 +3,7 @@ commands name, built by the test, so that the commands run as written.
 
 * ``experiments/``: the repository's (a symlink);
 * ``demo-run/corpus``: the embedded demo corpus, small variant (``unigendet demo-data --small``);
+* ``demo-run/ae.safetensors``: the demo preset's autoencoder, trained on it for a few steps (``unigendet train-ae``);
 * ``fakeclue/data_json/{train,test}.json`` + ``fakeclue/images``: the FakeClue layout, 16 records each (both labels,
   32 x 32 px) from the demo corpus's detection train / val records;
 * ``laion/shards/*.parquet``: two Parquet shards with ``jpg`` (image bytes) and ``TEXT`` columns, 16 records;
@@ -98,11 +99,16 @@ def build(ws: Path) -> Path:
     """Fill ``ws`` with everything the documented commands read."""
     from data_modules.demo_corpus import SMALL, build_demo_corpus
     from tests.inception_file import build_inception_weights
+    from unigendet.autoencoder import load_t2i_images, save_autoencoder, train_autoencoder
+    from unigendet.model.config import UniGenDetConfig
 
     ws.mkdir(parents=True, exist_ok=True)
     (ws / "experiments").symlink_to(REPO / "experiments")
     corpus = ws / "demo-run" / "corpus"
     build_demo_corpus(corpus, seed=0, n_real=SMALL["n_real"], n_fake_per_family=SMALL["n_fake_per_family"])
+    images = load_t2i_images(corpus / "t2i" / "train.jsonl")
+    ae, report = train_autoencoder(UniGenDetConfig.from_name("demo").vae, images, steps=5, batch=4)
+    save_autoencoder(ae, ws / "demo-run" / "ae.safetensors", report)
     det = corpus / "detection"
     fakeclue(det, ws / "fakeclue", {"train": "train.json", "test": "val.json"})
     laion_shards(corpus / "t2i", ws / "laion" / "shards")

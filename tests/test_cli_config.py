@@ -152,7 +152,8 @@ def test_base_logs_to_wandb_offline_without_credentials(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """``unigendet fit --config experiments/demo.yaml`` in a fresh folder holding the small demo corpus, two steps
+    """``unigendet fit --config experiments/demo.yaml`` in a fresh folder holding the small demo corpus and its
+    autoencoder (``unigendet train-ae``, as demo.yaml's comment says), two steps
     with a validation, no W&B credentials: (its folder, the completed process)."""
     from data_modules.demo_corpus import SMALL, build_demo_corpus
     from tests.docs_workspace import environment
@@ -162,6 +163,9 @@ def demo_run(tmp_path_factory):
     (ws / "home").mkdir()
     build_demo_corpus(ws / "demo-run" / "corpus", seed=0, n_real=SMALL["n_real"],
                       n_fake_per_family=SMALL["n_fake_per_family"])
+    ae = subprocess.run(["unigendet", "train-ae", "--corpus", "demo-run/corpus", "--out", "demo-run/ae.safetensors",
+                         "--steps", "10"], cwd=ws, env=environment(ws), capture_output=True, text=True, timeout=300)
+    assert ae.returncode == 0, ae.stderr[-4000:]
     cmd = ["unigendet", "fit", "--config", "experiments/demo.yaml", "--trainer.max_steps=2",
            "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2"]
     proc = subprocess.run(cmd, cwd=ws, env=environment(ws), capture_output=True, text=True, timeout=600)

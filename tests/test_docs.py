@@ -119,7 +119,8 @@ def kind(cmd: Command) -> str | None:
     if w[0] == "unigendet" and len(w) > 1:
         if w[1] in LIGHTNING:
             return "lightning"
-        if w[1] in ("detect", "generate", "export", "info", "inspect-data", "demo-data", "leak-probe", "plot", "demo"):
+        if w[1] in ("detect", "generate", "export", "info", "inspect-data", "demo-data", "leak-probe", "plot", "demo",
+                    "train-ae"):
             return w[1]
     if w[0] == "make" and len(w) == 2 and w[1] in ("test", "test-all", "lint", "demo"):
         return "make"
@@ -383,8 +384,10 @@ def run_tool(cmd: Command, ws: Path) -> None:
         weights = list(out.glob("*.safetensors"))
         assert weights and (out / "tokenizer.json").exists()
         assert all(p.stat().st_mode & 0o044 == 0o044 for p in weights), "exported weights must be readable by all"
-    elif what in ("info", "inspect-data", "demo-data", "leak-probe", "plot"):
+    elif what in ("info", "inspect-data", "demo-data", "leak-probe", "plot", "train-ae"):
         assert out_lines, proc.stdout[-2000:]
+        if what == "train-ae":
+            assert (ws / words[words.index("--out") + 1]).is_file() and out_lines[-1]["heldout_psnr"] > 15
         if what == "leak-probe":
             assert 0.0 <= out_lines[-1]["heldout_balanced_acc"] <= 1.0 and out_lines[-1]["n_test"] > 0
         if what == "inspect-data":

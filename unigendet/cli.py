@@ -289,7 +289,14 @@ def _demo(argv: list[str]) -> int:
     return main_demo(argv)
 
 
-DELEGATED = {"inspect-data": _inspect_data, "demo-data": _demo_data, "leak-probe": _leak_probe, "demo": _demo}
+def _train_ae(argv: list[str]) -> int:
+    from unigendet.autoencoder import main_train_ae
+
+    return main_train_ae(argv)
+
+
+DELEGATED = {"inspect-data": _inspect_data, "demo-data": _demo_data, "leak-probe": _leak_probe, "demo": _demo,
+             "train-ae": _train_ae}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -349,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (("inspect-data", "check a corpus before a long run (see `unigendet inspect-data -h`)"),
                             ("demo-data", "build the embedded demo corpus (see `unigendet demo-data -h`)"),
                             ("leak-probe", "real vs fake from file metadata alone (see `unigendet leak-probe -h`)"),
+                            ("train-ae", "train the demo preset's small autoencoder (see `unigendet train-ae -h`)"),
                             ("demo", "the embedded default: corpus, training, held-out evaluation, samples"),
                             *((c, f"LightningCLI {c} (see `unigendet {c} -h`)") for c in LIGHTNING_COMMANDS)):
         sub.add_parser(name, help=help_text, add_help=False)

@@ -117,7 +117,7 @@ class Schedule:
 
 class LitUniGenDet(L.LightningModule):
     def __init__(self, model: PresetOrFolder | None = None, model_overrides: ModelOverrides | None = None,
-                 init_from: str | None = None,
+                 init_from: str | None = None, init_ae_from: str | None = None,
                  loss: LossWeights | None = None, schedule: Schedule | None = None, optim: OptimConfig | None = None,
                  freeze: list[str] | None = None, ema_decay: float | None = 0.999, attn_backend: str = "auto",
                  seed: int = 0, val_samples: int = 0, val_sample_px: int = 64, val_sample_steps: int = 10,
@@ -130,6 +130,8 @@ class LitUniGenDet(L.LightningModule):
             model_overrides: config overrides for a preset (:class:`unigendet.model.config.ModelOverrides`, or its
                 nested dict from Python), e.g. ``{"mot": {"n_layers": 4}}``.
             init_from: weights to start from: a BAGEL / UniGenDet folder (random init when None).
+            init_ae_from: a trained autoencoder file (``unigendet train-ae``), loaded into the frozen VAE after
+                ``init_from`` (the ``demo`` preset's small learned AE; without it that AE is random).
             freeze: top-level parts to freeze (``vit``, ``embed``, ...); the VAE is always frozen.
             ema_decay: EMA of the weights (None: off).
             val_samples: after each validation, generate this many images (EMA weights, fixed prompts and seeds,
@@ -153,12 +155,16 @@ class LitUniGenDet(L.LightningModule):
         if model is None and not init_from:
             raise ValueError("set model.model (a preset: tiny, demo, debug, bagel-7b-mot) or model.init_from "
                              "(a BAGEL / UniGenDet model folder, whose architecture is then used)")
+        if init_ae_from and not Path(init_ae_from).is_file():
+            raise ValueError(f"model.init_ae_from: no autoencoder file {init_ae_from} (train it: unigendet train-ae "
+                             f"--corpus <corpus folder> --out {init_ae_from})")
         model = None if model is None else str(PresetOrFolder(model))
         source = model if model is not None else str(PresetOrFolder(init_from))
         if not isinstance(model_overrides, ModelOverrides):
             model_overrides = ModelOverrides.from_dict(model_overrides)
         overrides = model_overrides.to_dict()
         self.save_hyperparameters({"model": model, "model_overrides": overrides, "init_from": init_from,
+                                   "init_ae_from": init_ae_from,
                                    "loss": dataclasses.asdict(self.loss_w), "schedule": dataclasses.asdict(self.sched),
                                    "optim": dataclasses.asdict(self.optim_cfg), "freeze": list(freeze or []),
                                    "ema_decay": ema_decay, "attn_backend": attn_backend, "seed": seed,
@@ -214,6 +220,14 @@ class LitUniGenDet(L.LightningModule):
 
                 report = load_weights(model, self.hparams.init_from)
                 log.info("initialised from %s: %s", self.hparams.init_from, report)
+            if self.hparams.get("init_ae_from"):
+                from unigendet.autoencoder import load_autoencoder
+
+                report = load_autoencoder(model.vae, self.hparams.init_ae_from)
+                log.info("autoencoder from %s (trained: %s)", self.hparams.init_ae_from, report)
+            elif self.cfg.vae.kind == "conv" and not self.hparams.init_from:
+                log.warning("the %s autoencoder is random: pass --model.init_ae_from=<file from unigendet train-ae>",
+                            self.cfg.vae.kind)
         model.attn_backend = self.hparams.attn_backend
         for part in self.hparams.freeze:
             if not hasattr(model, part):

@@ -107,12 +107,14 @@ class VAEConfig:
     """The frozen autoencoder.
 
     ``kind="flux"`` is the FLUX AE of BAGEL (``ch``/``ch_mult``/``num_res_blocks`` describe it).
-    ``kind="pixel"`` is a parameter-free, exactly invertible space-to-depth map used by the CPU demo:
+    ``kind="pixel"`` is a parameter-free, exactly invertible space-to-depth map:
     a ``downsample x downsample x in_channels`` pixel block becomes one latent "pixel" of
     ``z_channels = downsample**2 * in_channels`` numbers, normalised by ``shift_factor``/``scale_factor``.
+    ``kind="conv"`` is the CPU demo's small learned autoencoder (``ch`` is its width), trained on a corpus by
+    ``unigendet train-ae``; its latents come out normalised, so ``scale_factor`` 1 and ``shift_factor`` 0.
     """
 
-    kind: Literal["flux", "pixel"] = "flux"
+    kind: Literal["flux", "pixel", "conv"] = "flux"
     in_channels: int = 3
     out_ch: int = 3
     z_channels: int = 16
@@ -129,13 +131,13 @@ class VAEConfig:
 
     def __post_init__(self) -> None:
         self.ch_mult = tuple(self.ch_mult)
-        if self.kind not in ("flux", "pixel"):
-            raise ValueError(f"unknown VAE kind {self.kind!r} (expected 'flux' or 'pixel')")
+        if self.kind not in ("flux", "pixel", "conv"):
+            raise ValueError(f"unknown VAE kind {self.kind!r} (expected 'flux', 'pixel' or 'conv')")
         if self.kind == "flux":
             if 2 ** (len(self.ch_mult) - 1) != self.downsample:
                 raise ValueError(f"FLUX AE with ch_mult {self.ch_mult} downsamples by "
                                  f"{2 ** (len(self.ch_mult) - 1)}, not {self.downsample}")
-        elif self.z_channels != self.downsample**2 * self.in_channels:
+        elif self.kind == "pixel" and self.z_channels != self.downsample**2 * self.in_channels:
             raise ValueError(f"pixel AE needs z_channels = downsample**2 * in_channels = "
                              f"{self.downsample**2 * self.in_channels}, got {self.z_channels}")
 

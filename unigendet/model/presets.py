@@ -31,7 +31,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         # patch 4: forensic traces are a few pixels wide; 4x4 patches learn them about twice as fast per image as 8x8
         "vit": {"dim": 96, "n_layers": 3, "n_heads": 3, "mlp_dim": 256, "patch_size": 4, "image_size": 64,
                 "max_patches_per_side": 16},
-        "vae": {"kind": "pixel", "downsample": 4, "z_channels": 48, "scale_factor": 2.0, "shift_factor": 0.0},
+        # a small learned AE (`unigendet train-ae`): its decoder blends neighbouring tokens, where the pixel
+        # space-to-depth left every generated 8x8 token a hard-edged block
+        "vae": {"kind": "conv", "downsample": 4, "z_channels": 16, "ch": 64, "scale_factor": 1.0, "shift_factor": 0.0},
         "flow": {"latent_patch_size": 2, "max_latent_size": 8, "sample_steps": 25},  # up to 64 px
         "weight_init": "fan_in",  # narrow and from scratch: normal(0.02) starts every branch near-linear
         "head": {"diga_layer": 2, "zero_init": False},  # trained from scratch: nothing to keep unchanged

@@ -1,6 +1,6 @@
 """The frozen autoencoder that maps images to the latent space of the generation expert.
 
-Two implementations share one interface, :class:`Autoencoder`, and are picked by ``VAEConfig.kind``:
+Three implementations share one interface, :class:`Autoencoder`, and are picked by ``VAEConfig.kind``:
 
 * :class:`FluxAutoencoder` (``"flux"``) - the FLUX.1 AutoEncoder that BAGEL uses
   (https://github.com/black-forest-labs/flux, itself the LDM KL-autoencoder, https://arxiv.org/abs/2112.10752):
@@ -12,16 +12,19 @@ Two implementations share one interface, :class:`Autoencoder`, and are picked by
   - latents are normalised as ``z = scale_factor * (latent - shift_factor)`` (values from ``VAEConfig``);
   - module names equal the BFL ``ae.safetensors`` keys (``encoder.down.{i}.block.{j}.conv1.weight``, ...), so
     ``load_state_dict(strict=True)`` loads the released file as is.
-* :class:`PixelAutoencoder` (``"pixel"``) - no parameters: an exactly invertible space-to-depth map used by the
-  CPU demo so that generation can learn in pixel space without a pretrained AE.
+* :class:`PixelAutoencoder` (``"pixel"``) - no parameters: an exactly invertible space-to-depth map, for tests and
+  for generation in pixel space without any AE.
+* :class:`ConvAutoencoder` (``"conv"``) - the CPU demo's small learned AE; trained once on the corpus before the
+  model (``unigendet train-ae``, :mod:`unigendet.autoencoder`), because nothing pretrained can be downloaded.
 
-Images are (B, C, H, W) in [-1, 1]. The AE is never trained in this project: :func:`build_autoencoder` returns it
+Images are (B, C, H, W) in [-1, 1]. The AE is never trained with the model: :func:`build_autoencoder` returns it
 with ``requires_grad_(False)``. Gradients still flow to the *input* of encode/decode when the caller needs them.
 """
 
 from __future__ import annotations
 
 import abc
+import math
 
 import torch
 import torch.nn.functional as F
@@ -358,6 +361,72 @@ class PixelAutoencoder(Autoencoder):
         """No parameters: nothing to do."""
 
 
+class ConvAutoencoder(Autoencoder):
+    """The CPU demo's small learned autoencoder (``"conv"``), trained on a corpus by ``unigendet train-ae``
+    (:mod:`unigendet.autoencoder`).
+
+    Encoder: space-to-depth by ``downsample``, two 3x3 convolutions of width ``ch`` and a 1x1 projection to
+    ``z_channels``. Decoder: a 1x1 convolution and two 3x3 convolutions at the latent resolution, then per octave a
+    bilinear x2 up-sampling and a 3x3 convolution (halving the width, at least :data:`FINE`), and a last 3x3
+    convolution to RGB. Every output pixel sees the neighbouring latent pixels, so the tokens a generator makes one by
+    one blend at their borders instead of meeting as hard blocks. The
+    posterior is a point mass (``encode`` ignores ``sample``); training folds the latent normalisation into the 1x1
+    layers, so the config's ``scale_factor`` / ``shift_factor`` stay 1 / 0.
+    """
+
+    FINE = 8  # the narrowest width of the up-sampling path
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        if cfg.kind != "conv":
+            raise ValueError(f"ConvAutoencoder needs VAEConfig.kind='conv', got {cfg.kind!r}")
+        if cfg.downsample & (cfg.downsample - 1):
+            raise ValueError(f"the conv AE up-samples by octaves: downsample must be a power of two, got "
+                             f"{cfg.downsample}")
+        super().__init__(cfg)
+        d, w, z = cfg.downsample, cfg.ch, cfg.z_channels
+        self.encoder = nn.Sequential(nn.Conv2d(cfg.in_channels * d * d, w, 3, padding=1), nn.SiLU(),
+                                     nn.Conv2d(w, w, 3, padding=1), nn.SiLU(), nn.Conv2d(w, z, 1))
+        layers: list[nn.Module] = [nn.Conv2d(z, w, 1), nn.SiLU(), nn.Conv2d(w, w, 3, padding=1), nn.SiLU(),
+                                   nn.Conv2d(w, w, 3, padding=1), nn.SiLU()]
+        width = w
+        for _ in range(int(math.log2(d))):  # bilinear x2 + conv3x3 per octave: no hard cell or token borders
+            layers += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                       nn.Conv2d(width, max(width // 2, self.FINE), 3, padding=1), nn.SiLU()]
+            width = max(width // 2, self.FINE)
+        self.decoder = nn.Sequential(*layers, nn.Conv2d(width, cfg.out_ch, 3, padding=1))
+
+    def encode_moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        d = self.downsample
+        if x.ndim != 4 or x.shape[1] != self.cfg.in_channels or x.shape[-2] % d or x.shape[-1] % d:
+            raise ValueError(f"images must be (B, {self.cfg.in_channels}, H, W) with H and W multiples of "
+                             f"downsample={d}, got {tuple(x.shape)}")
+        mean = self.encoder(F.pixel_unshuffle(x, d))  # (B, z, H / d, W / d)
+        return mean, torch.full_like(mean, LOGVAR_MIN)
+
+    def encode(self, x: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+        return self.normalize(self.encode_moments(x)[0])
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.decoder(self.denormalize(z))  # (B, out_ch, h * d, w * d)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """PyTorch's default convolution init (what ``unigendet train-ae`` starts from)."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                module.reset_parameters()
+
+    @torch.no_grad()
+    def fold_normalisation(self, mean: Tensor, std: Tensor) -> None:
+        """Make the encoder output ``(latent - mean) / std`` per channel and the decoder take it: exact, since both
+        ends are 1x1 convolutions (``mean``, ``std``: ``(z_channels,)``)."""
+        enc, dec = self.encoder[-1], self.decoder[0]
+        enc.bias.sub_(mean).div_(std)
+        enc.weight.div_(std[:, None, None, None])
+        dec.bias.add_(dec.weight[:, :, 0, 0] @ mean)
+        dec.weight.mul_(std[None, :, None, None])
+
+
 #####################################################################################################
 # Factory
 #####################################################################################################
@@ -369,7 +438,8 @@ def build_autoencoder(cfg: VAEConfig) -> Autoencoder:
     Works under ``torch.device("meta")``; then ``to_empty(device=...)`` and ``init_weights()`` or
     ``load_state_dict(...)`` with BFL key names (``encoder.*``, ``decoder.*``).
     """
-    classes: dict[str, type[Autoencoder]] = {"flux": FluxAutoencoder, "pixel": PixelAutoencoder}
+    classes: dict[str, type[Autoencoder]] = {"flux": FluxAutoencoder, "pixel": PixelAutoencoder,
+                                             "conv": ConvAutoencoder}
     if cfg.kind not in classes:
         raise ValueError(f"unknown VAE kind {cfg.kind!r} (expected one of {sorted(classes)})")
     return classes[cfg.kind](cfg).requires_grad_(False)
