@@ -344,8 +344,8 @@ def test_a_callback_setting_the_model_cannot_honour_fails_before_training(tmp_pa
     (tmp_path / "home").mkdir()
     proc = subprocess.run(["unigendet", "fit", "--config", str(EXPERIMENTS / "demo.yaml"),
                            "--trainer.callbacks+=callbacks.ImageSamples", "--trainer.callbacks.px=256",
-                           "--data.train=nowhere.json"], cwd=tmp_path, env=environment(tmp_path),
-                          capture_output=True, text=True, timeout=120)
+                           "--model.init_ae_from=null", "--data.train=nowhere.json"], cwd=tmp_path,
+                          env=environment(tmp_path), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     err = [line for line in proc.stderr.strip().splitlines() if not line.startswith(("Seed set", "GPU", "TPU"))]
     assert err == ["unigendet fit: error: ImageSamples px=256: 256x256 px exceeds what the demo model generates: "

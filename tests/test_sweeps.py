@@ -117,7 +117,7 @@ def test_agent_command_trains_a_step_and_records_the_swept_values(path, corpus, 
     # test-sized model and data, after the sweep's flags; none of them touches a swept value
     overrides = model_overrides(params)
     det, logs = corpus / "detection", tmp_path / "logs"
-    extra = ["--model.model=demo", f"--model.model_overrides={overrides}",
+    extra = ["--model.model=demo", f"--model.model_overrides={overrides}", "--model.init_ae_from=null",
              "--trainer.logger=lightning.pytorch.loggers.WandbLogger",
              f"--trainer.logger.init_args.save_dir={logs}", "--trainer.logger.init_args.offline=true",
              "--trainer.max_steps=1", "--trainer.accelerator=cpu", "--trainer.devices=1",

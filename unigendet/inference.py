@@ -225,7 +225,7 @@ class Engine:
         images = []
         for t in tokens:
             latent = unpatchify_latent(t.to(self.model.vae2llm.weight.dtype), gh, gw, p)
-            images.append(to_pil(self.model.vae.decode(latent[None])[0]))
+            images.append(to_pil(self.model.vae.decode(latent[None].to(self.model.vae_dtype))[0]))
         return images
 
 

@@ -224,7 +224,7 @@ def test_derived_fields():
     assert tiny.mot.head_dim == 16 and tiny.vit.head_dim == 16
     assert (tiny.latent_token_dim, tiny.vae_pixels_per_token, tiny.vit.n_positions) == (64, 16, 256)
     demo = UniGenDetConfig.from_name("demo")
-    assert (demo.latent_token_dim, demo.vae_pixels_per_token) == (2 * 2 * 48, 2 * 4)
+    assert (demo.latent_token_dim, demo.vae_pixels_per_token) == (2 * 2 * 16, 2 * 4)
     assert MoTConfig(dim=64, n_heads=4, n_kv_heads=2, head_dim=32).head_dim == 32  # explicit head_dim is kept
     assert isinstance(VAEConfig(ch_mult=[1, 2, 4, 4]).ch_mult, tuple)
 

@@ -120,6 +120,13 @@ class UniGenDet(nn.Module):
     # ----------------------------------------------------------------------------------------------
     # Inputs
     # ----------------------------------------------------------------------------------------------
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        """The frozen VAE's parameter dtype (it stays fp32 when FSDP2 casts the rest to bf16: it is not sharded);
+        the rest of the network's for the parameter-free pixel AE."""
+        p = next(self.vae.parameters(), None)
+        return self.vae2llm.weight.dtype if p is None else p.dtype
+
     def clean_latent_tokens(self, batch: PackedBatch) -> Tensor:
         """x0 of every VAE token, (n_vae, p*p*z), in packed order."""
         p = self.cfg.flow.latent_patch_size
@@ -128,7 +135,7 @@ class UniGenDet(nn.Module):
         elif batch.vae_images is not None:
             sample = self.training and self.cfg.vae.sample_posterior
             with torch.no_grad():
-                latents = [self.vae.encode(img[None].to(self.vae2llm.weight.dtype), sample=sample)[0]
+                latents = [self.vae.encode(img[None].to(self.vae_dtype), sample=sample)[0].to(self.vae2llm.weight.dtype)
                            for img in batch.vae_images]
         else:
             return self.vae2llm.weight.new_zeros(0, self.cfg.latent_token_dim)
