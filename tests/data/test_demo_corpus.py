@@ -247,28 +247,28 @@ def test_spectral_and_diffusion_fakes_carry_a_period_4_grid(measured):
     assert share("real") <= 0.1
 
 
-def test_splice_region_carries_an_interpolation_residue(corpus):
-    root, _ = corpus
+def _splices(root: Path) -> tuple[list[np.ndarray], list[tuple[fakes.FakeResult, ex.Measurements]]]:
+    """12 real train crops, and 11 splices of consecutive pairs with their measurements."""
     reals = [_image(root, r) for r in _records(root, "train") if r["label"] == 1][:12]
-    inside, outside = [], []
+    out = []
     for i in range(len(reals) - 1):
         res = fakes.splice(reals[i], reals[i + 1], np.random.default_rng(i), copy_move=False)
-        s = ex.measure(res.image, mask=res.info["mask"]).mask_stats
-        inside.append(s["grid_in"])
-        outside.append(s["grid_out"])
+        out.append((res, ex.measure(res.image, mask=res.info["mask"])))
+    return reals, out
+
+
+def test_splice_region_carries_an_interpolation_residue(corpus):
+    _, splices = _splices(corpus[0])
+    inside = [m.mask_stats["grid_in"] for _, m in splices]
+    outside = [m.mask_stats["grid_out"] for _, m in splices]
     assert np.median(inside) > ex.PEAK_THRESHOLD and np.median(inside) > 10 * np.median(outside), (inside, outside)
 
 
 def test_splice_leaves_a_seam_and_lighting_mismatch(corpus):
-    root, _ = corpus
-    reals = [_image(root, r) for r in _records(root, "train") if r["label"] == 1][:12]
-    seams, jumps = [], []
-    for i in range(len(reals) - 1):
-        res = fakes.splice(reals[i], reals[i + 1], np.random.default_rng(i), copy_move=False)
-        m = ex.measure(res.image, mask=res.info["mask"])
-        seams.append(m.mask_stats["seam_ratio"])
-        jumps.append(abs(m.mask_stats["luma_in"] - m.mask_stats["luma_out"]))
-        assert res.image.shape == reals[i].shape
+    reals, splices = _splices(corpus[0])
+    seams = [m.mask_stats["seam_ratio"] for _, m in splices]
+    jumps = [abs(m.mask_stats["luma_in"] - m.mask_stats["luma_out"]) for _, m in splices]
+    assert all(res.image.shape == reals[i].shape for i, (res, _) in enumerate(splices))
     assert np.mean(seams) > 1.2, seams
     # Without a splice the same statistics show no jump: compare a random mask on the untouched host.
     control = []
