@@ -116,18 +116,14 @@ def _peak_ratios(x: np.ndarray, periods: tuple[int, ...] = PERIODS) -> tuple[dic
         {q: "diagonals" if v[2:].max() > v[:2].max() else "axes" for q, v in zip(periods, ratio, strict=True)}
 
 
-def _checker_score(hp: np.ndarray, sy: np.ndarray, sx: np.ndarray) -> float:
-    """Periodogram of a high-passed region at the three Nyquist frequencies over its mean power (white noise ~ 1)."""
-    n = hp.size
+def _checker_score(hp: np.ndarray, sy: np.ndarray, sx: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Periodogram of a high-passed region at the three Nyquist frequencies over its mean power (white noise ~ 1);
+    with a boolean ``mask`` (the shape of ``hp``), over those pixels only (a region of any shape)."""
+    signs = np.broadcast_arrays(sy, sx, sy * sx)
+    if mask is not None:
+        hp, signs = hp[mask], [s[mask] for s in signs]
     power = (hp**2).mean() + 1e-12
-    return float(max(n * ((hp * s).mean()) ** 2 for s in (sy, sx, sy * sx)) / power)
-
-
-def _checker_masked(hp: np.ndarray, sy: np.ndarray, sx: np.ndarray, mask: np.ndarray) -> float:
-    """:func:`_checker_score` over the pixels of a boolean ``mask`` (any shape of region)."""
-    v = hp[mask]
-    power = (v**2).mean() + 1e-12
-    return float(max(v.size * ((v * s[mask]).mean()) ** 2 for s in np.broadcast_arrays(sy, sx, sy * sx)) / power)
+    return float(max(hp.size * ((hp * s).mean()) ** 2 for s in signs) / power)
 
 
 def _spectral_slope(y: np.ndarray) -> float:
@@ -243,7 +239,7 @@ def measure(img: np.ndarray, mask: np.ndarray | None = None) -> Measurements:
             "seam_ratio": float(np.abs(gmag[edge]).mean() / (gmag.mean() + 1e-9)),
             "detail_in": float(lap[inner].mean()),
             "detail_out": float(lap[~ndimage.binary_dilation(mask, iterations=2)].mean()),
-            "grid_in": _checker_masked(hp, sy, sx, mask), "grid_out": _checker_masked(hp, sy, sx, ~mask),
+            "grid_in": _checker_score(hp, sy, sx, mask), "grid_out": _checker_score(hp, sy, sx, ~mask),
         }
     return m
 

@@ -75,6 +75,17 @@ class Autoencoder(nn.Module, abc.ABC):
         """Normalised latent ``z`` -> raw latent that the decoder takes."""
         return z / self.scale_factor + self.shift_factor
 
+    def _check(self, x: Tensor, channels: int, what: str) -> None:
+        if x.ndim != 4 or x.shape[1] != channels:
+            raise ValueError(f"{what} must be (B, {channels}, H, W), got {tuple(x.shape)}")
+
+    def _check_images(self, x: Tensor) -> None:
+        """Images of ``in_channels`` channels whose sides are multiples of ``downsample`` (the space-to-depth AEs)."""
+        self._check(x, self.cfg.in_channels, "images")
+        d = self.downsample
+        if x.shape[-2] % d or x.shape[-1] % d:
+            raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of downsample={d}")
+
     @abc.abstractmethod
     def encode_moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Posterior of the raw (un-normalised) latent.
@@ -337,16 +348,9 @@ class PixelAutoencoder(Autoencoder):
             raise ValueError(f"pixel AE needs in_channels == out_ch, got {cfg.in_channels} and {cfg.out_ch}")
         super().__init__(cfg)
 
-    def _check(self, x: Tensor, channels: int, what: str) -> None:
-        if x.ndim != 4 or x.shape[1] != channels:
-            raise ValueError(f"{what} must be (B, {channels}, H, W), got {tuple(x.shape)}")
-
     def encode_moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        self._check(x, self.cfg.in_channels, "images")
-        d = self.downsample
-        if x.shape[-2] % d or x.shape[-1] % d:
-            raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of downsample={d}")
-        mean = F.pixel_unshuffle(x, d)  # (B, C * d * d, H / d, W / d)
+        self._check_images(x)
+        mean = F.pixel_unshuffle(x, self.downsample)  # (B, C * d * d, H / d, W / d)
         return mean, torch.full_like(mean, LOGVAR_MIN)
 
     def encode(self, x: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
@@ -396,11 +400,8 @@ class ConvAutoencoder(Autoencoder):
         self.decoder = nn.Sequential(*layers, nn.Conv2d(width, cfg.out_ch, 3, padding=1))
 
     def encode_moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        d = self.downsample
-        if x.ndim != 4 or x.shape[1] != self.cfg.in_channels or x.shape[-2] % d or x.shape[-1] % d:
-            raise ValueError(f"images must be (B, {self.cfg.in_channels}, H, W) with H and W multiples of "
-                             f"downsample={d}, got {tuple(x.shape)}")
-        mean = self.encoder(F.pixel_unshuffle(x, d))  # (B, z, H / d, W / d)
+        self._check_images(x)
+        mean = self.encoder(F.pixel_unshuffle(x, self.downsample))  # (B, z, H / d, W / d)
         return mean, torch.full_like(mean, LOGVAR_MIN)
 
     def encode(self, x: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
