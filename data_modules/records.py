@@ -439,6 +439,16 @@ def read_t2i(path: str | os.PathLike, skips: SkipCounter, *, image_column: str =
             yield T2IRecord(id=rid, prompt=prompt, image=rec["image_path"])
 
 
+def open_t2i_images(path: str | os.PathLike, skips: SkipCounter) -> list[tuple[str, Any]]:
+    """(prompt, RGB ``PIL.Image``) of every record of a text-to-image metadata file (:func:`read_t2i`) whose image
+    decodes; bad records and unreadable images are counted in ``skips``. Small corpora only: every image is held."""
+    from unigendet.images import open_image
+
+    root = t2i_image_root(path)
+    pairs = ((rec.prompt, open_image(rec.image, skips, rec.id, root=root)) for rec in read_t2i(path, skips))
+    return [(prompt, img) for prompt, img in pairs if img is not None]
+
+
 def _read_parquet_shards(shards: list[Path], skips: SkipCounter, image_column: str, caption_column: str,
                          max_chars: int, lenient: bool) -> Iterator[T2IRecord]:
     """Captions of each shard in row order; an unreadable shard of a multi-shard folder is one counted skip."""

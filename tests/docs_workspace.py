@@ -99,16 +99,13 @@ def build(ws: Path) -> Path:
     """Fill ``ws`` with everything the documented commands read."""
     from data_modules.demo_corpus import SMALL, build_demo_corpus
     from tests.inception_file import build_inception_weights
-    from unigendet.autoencoder import load_t2i_images, save_autoencoder, train_autoencoder
-    from unigendet.model.config import UniGenDetConfig
+    from unigendet.autoencoder import train_from_corpus
 
     ws.mkdir(parents=True, exist_ok=True)
     (ws / "experiments").symlink_to(REPO / "experiments")
     corpus = ws / "demo-run" / "corpus"
     build_demo_corpus(corpus, seed=0, n_real=SMALL["n_real"], n_fake_per_family=SMALL["n_fake_per_family"])
-    images = load_t2i_images(corpus / "t2i" / "train.jsonl")
-    ae, report = train_autoencoder(UniGenDetConfig.from_name("demo").vae, images, steps=5, batch=4)
-    save_autoencoder(ae, ws / "demo-run" / "ae.safetensors", report)
+    train_from_corpus(corpus, ws / "demo-run" / "ae.safetensors", steps=5, batch=4)
     det = corpus / "detection"
     fakeclue(det, ws / "fakeclue", {"train": "train.json", "test": "val.json"})
     laion_shards(corpus / "t2i", ws / "laion" / "shards")

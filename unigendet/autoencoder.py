@@ -30,21 +30,19 @@ from torch import Tensor
 
 from unigendet.model.config import UniGenDetConfig, VAEConfig
 from unigendet.model.vae import ConvAutoencoder
+from unigendet.skips import SkipCounter
 
 
 def load_t2i_images(jsonl: Path) -> list[Tensor]:
-    """The images of a text-to-image JSONL (``image_path`` relative to its folder) as (3, H, W) in [-1, 1]."""
-    from unigendet.images import open_image
-    from unigendet.skips import SkipCounter
+    """The images of a text-to-image metadata file (``data_modules.records.open_t2i_images``) as (3, H, W) in
+    [-1, 1]; skipped records are reported on stderr."""
+    from data_modules.records import open_t2i_images
 
     skips = SkipCounter()
-    out = []
-    for i, line in enumerate(jsonl.read_text().splitlines()):
-        img = open_image(json.loads(line)["image_path"], skips, f"{jsonl.name}:{i}", root=jsonl.parent)
-        if img is not None:
-            out.append(torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0)
+    out = [torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+           for _, img in open_t2i_images(jsonl, skips)]
     if skips.counts:
-        print(f"[train-ae] skipped unreadable images in {jsonl}: {dict(skips.counts)}", file=sys.stderr)
+        print(f"[train-ae] skipped records in {jsonl}: {dict(skips.counts)}", file=sys.stderr)
     if not out:
         raise ValueError(f"{jsonl} holds no readable image")
     return out
@@ -141,6 +139,19 @@ def load_autoencoder(ae: torch.nn.Module, path: str | Path) -> dict:
     return json.loads(meta.get("unigendet_autoencoder", "{}"))
 
 
+def train_from_corpus(corpus: Path, out: Path, *, model: str = "demo", steps: int = 600, batch: int = 32,
+                      seed: int = 0) -> dict:
+    """Train the ``model`` preset's conv AE on ``corpus/t2i/train.jsonl`` (PSNR on up to 200 images of
+    ``t2i/val.jsonl`` when it exists), write it to ``out``; returns the report."""
+    cfg = UniGenDetConfig.from_name(model).vae
+    val_path = corpus / "t2i" / "val.jsonl"
+    held_out = load_t2i_images(val_path)[:200] if val_path.is_file() else None
+    ae, report = train_autoencoder(cfg, load_t2i_images(corpus / "t2i" / "train.jsonl"), steps=steps, batch=batch,
+                                   seed=seed, held_out=held_out)
+    save_autoencoder(ae, out, report)
+    return report
+
+
 def main_train_ae(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="unigendet train-ae", description=__doc__.splitlines()[0])
     ap.add_argument("--corpus", required=True, type=Path, help="a folder with t2i/train.jsonl (and t2i/val.jsonl)")
@@ -150,11 +161,7 @@ def main_train_ae(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    cfg = UniGenDetConfig.from_name(args.model).vae
-    train = load_t2i_images(args.corpus / "t2i" / "train.jsonl")
-    val_path = args.corpus / "t2i" / "val.jsonl"
-    held_out = load_t2i_images(val_path)[:200] if val_path.is_file() else None
-    ae, report = train_autoencoder(cfg, train, steps=args.steps, batch=args.batch, seed=args.seed, held_out=held_out)
-    save_autoencoder(ae, args.out, report)
+    report = train_from_corpus(args.corpus, args.out, model=args.model, steps=args.steps, batch=args.batch,
+                               seed=args.seed)
     print(json.dumps({**report, "out": str(args.out)}))
     return 0

@@ -50,13 +50,9 @@ def build_autoencoder(out: Path, corpus: Path, seed: int) -> Path:
     if path.exists():
         print(f"[demo] autoencoder already trained: {path}", file=sys.stderr)
         return path
-    from unigendet.autoencoder import load_t2i_images, save_autoencoder, train_autoencoder
-    from unigendet.model.config import UniGenDetConfig
+    from unigendet.autoencoder import train_from_corpus
 
-    images = load_t2i_images(corpus / "t2i" / "train.jsonl")
-    held_out = load_t2i_images(corpus / "t2i" / "val.jsonl")[:200]
-    ae, report = train_autoencoder(UniGenDetConfig.from_name("demo").vae, images, seed=seed, held_out=held_out)
-    save_autoencoder(ae, path, report)
+    report = train_from_corpus(corpus, path, seed=seed)
     print(f"[demo] trained the autoencoder in {report['seconds']:.0f} s (held-out PSNR {report['heldout_psnr']:.1f} "
           f"dB): {path}", file=sys.stderr)
     return path
@@ -183,15 +179,13 @@ def untrained_engine(pipe, ckpt: Path):
 def frechet_before_after(pipe, ckpt: Path, corpus: Path, n: int, seed: int, steps: int) -> tuple[float, float]:
     """(fd_before, fd_after): 32-px Frechet distance of the untrained and the trained model's samples for the first
     ``n`` held-out captions against all held-out real images (the t2i test split)."""
+    from data_modules.records import open_t2i_images
     from unigendet.demo_metrics import FD_PX, fd_features, frechet_distance
-    from unigendet.images import open_image
     from unigendet.skips import SkipCounter
 
-    lines = [json.loads(line) for line in (corpus / "t2i" / "test.jsonl").read_text().splitlines()]
-    skips = SkipCounter()
-    real = [open_image(r["image_path"], skips, f"t2i/test.jsonl:{i}", root=corpus / "t2i") for i, r in enumerate(lines)]
-    real_feats = fd_features([im for im in real if im is not None])
-    prompts = [r["prompt"] for r in lines[:n]]
+    pairs = open_t2i_images(corpus / "t2i" / "test.jsonl", SkipCounter())
+    real_feats = fd_features([img for _, img in pairs])
+    prompts = [prompt for prompt, _ in pairs[:n]]
     out = []
     for engine in (untrained_engine(pipe, ckpt), pipe):
         images = engine.generate(prompts, height=FD_PX, width=FD_PX, steps=steps, seed=seed)
