@@ -34,7 +34,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         # a small learned AE (`unigendet train-ae`): its decoder blends neighbouring tokens, where the pixel
         # space-to-depth left every generated 8x8 token a hard-edged block
         "vae": {"kind": "conv", "downsample": 4, "z_channels": 16, "ch": 64, "scale_factor": 1.0, "shift_factor": 0.0},
-        "flow": {"latent_patch_size": 2, "max_latent_size": 8, "sample_steps": 25},  # up to 64 px
+        # up to 64 px; guidance 8: swept 4-16 on the demo's val captions, the token-block ratio falls to a plateau
+        # from 8 on (BENCHMARKS.md, issue 15)
+        "flow": {"latent_patch_size": 2, "max_latent_size": 8, "sample_steps": 25, "cfg_scale": 8.0},
         "weight_init": "fan_in",  # narrow and from scratch: normal(0.02) starts every branch near-linear
         "head": {"diga_layer": 2, "zero_init": False},  # trained from scratch: nothing to keep unchanged
         "tokens": {"bos": 2044, "eos": 2045, "vision_start": 2046, "vision_end": 2047},
