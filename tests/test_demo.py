@@ -52,3 +52,27 @@ def test_demo_runs_end_to_end_and_reports_json(tmp_path, capsys, monkeypatch):
     runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
     assert summary["wandb"] and str(out / "wandb") in summary["wandb"]
+
+
+def test_demo_scores_the_final_weights_when_max_steps_is_off_the_checkpoint_interval(tmp_path, monkeypatch):
+    """ModelCheckpoint(every_n_train_steps=2) with max_steps=3 leaves last.ckpt at step 2; the demo must score step 3."""
+    import torch
+    import yaml
+
+    from unigendet.demo import REPO_EXPERIMENTS, build_corpus, train
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb-home"))
+    cfg = yaml.safe_load((REPO_EXPERIMENTS / "demo.yaml").read_text())
+    (checkpointing,) = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
+    checkpointing["init_args"]["every_n_train_steps"] = 2
+    config = tmp_path / "demo.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    corpus = build_corpus(out, 0, small=True)
+    ckpt, _, _ = train(out, corpus, config, ["--model.init_ae_from=null", "--trainer.max_steps=3",
+                                             "--trainer.val_check_interval=3", "--trainer.limit_val_batches=1",
+                                             "--data.num_workers=0", "--trainer.enable_progress_bar=false"])
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 3
+    assert len(list(ckpt.parent.glob("*step=2.ckpt"))) == 1  # the interval checkpoint is still there

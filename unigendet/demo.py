@@ -74,7 +74,11 @@ def train(out: Path, corpus: Path, config: Path, extra: list[str]) -> tuple[Path
     ckpt = Path(callback.last_model_path) if callback is not None and callback.last_model_path else None
     if ckpt is None or not ckpt.exists():
         ckpt = out / "checkpoints" / "last.ckpt"
-        cli.trainer.save_checkpoint(ckpt)
+    # the final weights: ModelCheckpoint(every_n_train_steps=N) leaves last.ckpt at the last multiple of N when
+    # max_steps is not one (e.g. --trainer.max_steps=300 with the demo's N=250 would score step 250)
+    if ckpt.is_symlink():  # save_last="link": write the final state beside the step checkpoint it points to
+        ckpt.unlink()
+    cli.trainer.save_checkpoint(ckpt)
     wandb_dir = None
     logger = cli.trainer.logger
     if logger is not None and hasattr(logger, "experiment") and hasattr(logger.experiment, "dir"):
