@@ -55,7 +55,7 @@ def test_demo_runs_end_to_end_and_reports_json(tmp_path, capsys, monkeypatch):
 
 
 def test_demo_scores_the_final_weights_when_max_steps_is_off_the_checkpoint_interval(tmp_path, monkeypatch):
-    """ModelCheckpoint(every_n_train_steps=2) with max_steps=3 leaves last.ckpt at step 2; the demo must score step 3."""
+    """ModelCheckpoint(every_n_train_steps=2) with max_steps=3 leaves last.ckpt at step 2; the demo scores step 3."""
     import torch
     import yaml
 
