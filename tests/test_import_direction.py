@@ -22,7 +22,6 @@ KNOWN = {
     "unigendet.demo -> callbacks.detection_metrics",
     "unigendet.demo -> data_modules.demo_corpus",
     "unigendet.demo -> data_modules.records",
-    "cycle: unigendet.model.bagel_config, unigendet.model.config",
 }
 
 

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from unigendet.convert import AE_PREFIX, UNIGENDET_ONLY_PREFIXES, from_bagel, to_bagel
-from unigendet.model.bagel_config import config_to_bagel_files
+from unigendet.model.bagel_config import config_from_bagel_dir, config_to_bagel_files
 from unigendet.model.config import UniGenDetConfig
 from unigendet.model.layers import PosEmbed2D, RMSNorm, sincos_2d_table
 from unigendet.model.unigendet import UniGenDet
@@ -310,7 +310,7 @@ def load_model(folder: str | Path, *, device: str = "cpu", dtype: torch.dtype = 
         model, report, _ = load_lightning_checkpoint(folder, device=device, dtype=dtype)
         return model, report
     folder = Path(folder)
-    cfg = cfg or UniGenDetConfig.from_bagel_dir(folder)
+    cfg = cfg or config_from_bagel_dir(folder)
     with torch.device("meta"):
         model = UniGenDet(cfg).to(dtype)
     report = load_weights(model, folder, strict=strict, device=device)

@@ -53,7 +53,9 @@ def cmd_info(args: argparse.Namespace) -> int:
                                  "unexpected": report.unexpected, "fresh": report.expected_missing}}
     else:
         if args.bagel_dir:
-            cfg = UniGenDetConfig.from_bagel_dir(args.bagel_dir)
+            from unigendet.model.bagel_config import config_from_bagel_dir
+
+            cfg = config_from_bagel_dir(args.bagel_dir)
         else:
             cfg = UniGenDetConfig.from_name(args.preset)
         with torch.device("meta"):

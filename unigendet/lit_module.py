@@ -36,6 +36,7 @@ from torch import Tensor
 
 from unigendet.ema import EMA
 from unigendet.evaluation import EvalConfig, head_scores
+from unigendet.model.bagel_config import config_from_bagel_dir
 from unigendet.model.config import ModelOverrides, PresetOrFolder, UniGenDetConfig
 from unigendet.model.packing import PackedBatch, SamplePlan, TextSplit, VAESplit, ViTSplit, pack
 from unigendet.model.unigendet import UniGenDet
@@ -175,7 +176,7 @@ class LitUniGenDet(L.LightningModule):
         # checkpoint's hyperparameters OVER the command line, which would silently replace the evaluation settings
         # given for this test run with the defaults the training run saved
         if Path(source).is_dir():
-            self.cfg = UniGenDetConfig.from_bagel_dir(source).with_overrides(overrides)
+            self.cfg = config_from_bagel_dir(source).with_overrides(overrides)
         else:
             self.cfg = UniGenDetConfig.from_name(source, **overrides)
         # settings that generate images are checked now, not when training first uses them

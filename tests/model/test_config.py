@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, bagel_keys_file, config_diff, fixture_params, parity_fixture_dirs
-from unigendet.model.bagel_config import config_to_bagel_files, tokenizer_special_ids
+from unigendet.model.bagel_config import config_from_bagel_dir, config_to_bagel_files, tokenizer_special_ids
 from unigendet.model.config import (
     DetHeadConfig,
     FlowConfig,
@@ -240,7 +240,7 @@ def test_from_bagel_dir_fixture(fixture_dir):
     vit = json.loads((fixture_dir / "vit_config.json").read_text())
     bagel = json.loads((fixture_dir / "bagel_config.json").read_text())
     vae = json.loads((fixture_dir / "vae_config.json").read_text())
-    cfg = UniGenDetConfig.from_bagel_dir(fixture_dir)
+    cfg = config_from_bagel_dir(fixture_dir)
     assert cfg.name == fixture_dir.name
     m, v = cfg.mot, cfg.vit
     assert (m.dim, m.n_layers, m.n_heads, m.n_kv_heads, m.mlp_dim, m.vocab_size) == (
@@ -278,9 +278,9 @@ def _round_trip_cases() -> list:
 
 @pytest.mark.parametrize("source", _round_trip_cases())
 def test_config_to_bagel_files_round_trip(tmp_path, source):
-    cfg = UniGenDetConfig.from_name(source) if isinstance(source, str) else UniGenDetConfig.from_bagel_dir(source)
+    cfg = UniGenDetConfig.from_name(source) if isinstance(source, str) else config_from_bagel_dir(source)
     folder = _write_folder(tmp_path / "exported", config_to_bagel_files(cfg))
-    back = UniGenDetConfig.from_bagel_dir(folder)
+    back = config_from_bagel_dir(folder)
     assert back.name == "exported"
     assert config_diff(back, cfg) == {}
 
@@ -294,7 +294,7 @@ def test_tokenizer_takes_precedence(tmp_path):
            "model": {"vocab": {"hello": 0, "<|vision_end|>": 8}}}  # one only in the BPE vocab
     (folder / "tokenizer.json").write_text(json.dumps(tok))
     assert tokenizer_special_ids(folder) == {"bos": 5, "eos": 6, "vision_start": 7, "vision_end": 8}
-    cfg = UniGenDetConfig.from_bagel_dir(folder)
+    cfg = config_from_bagel_dir(folder)
     assert dataclasses.asdict(cfg.tokens) == {"bos": 5, "eos": 6, "vision_start": 7, "vision_end": 8}
 
 
@@ -304,7 +304,7 @@ def test_tokenizer_lacking_a_special_token(tmp_path):
                             {"id": 7, "content": "<|vision_start|>"}], "model": {"vocab": {}}}
     (folder / "tokenizer.json").write_text(json.dumps(tok))
     with pytest.raises(ValueError, match=r"<\|vision_end\|>"):
-        UniGenDetConfig.from_bagel_dir(folder)
+        config_from_bagel_dir(folder)
 
 
 def test_no_token_source_and_small_vocab(tmp_path):
@@ -312,7 +312,7 @@ def test_no_token_source_and_small_vocab(tmp_path):
     del files["bagel_config.json"]["special_token_ids"]
     folder = _write_folder(tmp_path / "bagel", files)
     with pytest.raises(ValueError, match="special"):
-        UniGenDetConfig.from_bagel_dir(folder)
+        config_from_bagel_dir(folder)
 
 
 def test_no_token_source_qwen2_vocab_uses_qwen2_ids(tmp_path):
@@ -322,7 +322,7 @@ def test_no_token_source_qwen2_vocab_uses_qwen2_ids(tmp_path):
                                     tokens=dataclasses.asdict(UniGenDetConfig.from_name("bagel-7b-mot").tokens))
     files = config_to_bagel_files(cfg)
     folder = _write_folder(tmp_path / "bagel", {k: files[k] for k in ("llm_config.json", "vit_config.json")})
-    back = UniGenDetConfig.from_bagel_dir(folder)
+    back = config_from_bagel_dir(folder)
     assert back.tokens == UniGenDetConfig.from_name("bagel-7b-mot").tokens
     assert (back.mot.dim, back.mot.n_layers, back.vit.n_layers) == (cfg.mot.dim, 8, cfg.vit.n_layers)
     assert back.head.diga_layer == 8
@@ -334,14 +334,14 @@ def test_missing_required_json(tmp_path, missing):
     del files[missing]
     folder = _write_folder(tmp_path / "bagel", files)
     with pytest.raises(FileNotFoundError, match=missing):
-        UniGenDetConfig.from_bagel_dir(folder)
+        config_from_bagel_dir(folder)
 
 
 def test_invalid_json_is_a_value_error(tmp_path):
     folder = _write_folder(tmp_path / "bagel", config_to_bagel_files(UniGenDetConfig.from_name("tiny")))
     (folder / "bagel_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="bagel_config.json"):
-        UniGenDetConfig.from_bagel_dir(folder)
+        config_from_bagel_dir(folder)
 
 
 #####################################################################################################

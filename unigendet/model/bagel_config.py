@@ -52,7 +52,9 @@ def tokenizer_special_ids(folder: Path) -> dict[str, int] | None:
     return ids
 
 
-def config_from_bagel_dir(folder: Path) -> UniGenDetConfig:
+def config_from_bagel_dir(folder: str | Path) -> UniGenDetConfig:
+    """Read a BAGEL model folder's json files (llm_config, vit_config, optional bagel/vae configs, tokenizer)."""
+    folder = Path(folder)
     llm = _read(folder / "llm_config.json")
     vit = _read(folder / "vit_config.json")
     if llm is None or vit is None:

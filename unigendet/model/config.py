@@ -299,13 +299,6 @@ class UniGenDetConfig:
             return self
         return type(self).from_dict(_merge(self.to_dict(), _nest(dict(overrides))))
 
-    @classmethod
-    def from_bagel_dir(cls, path: str | Path) -> UniGenDetConfig:
-        """Read a BAGEL model folder's json files (llm_config, vit_config, optional bagel/vae configs, tokenizer)."""
-        from unigendet.model.bagel_config import config_from_bagel_dir
-
-        return config_from_bagel_dir(Path(path))
-
 
 _COMPONENTS = {
     "mot": MoTConfig,
