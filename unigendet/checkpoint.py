@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from unigendet.atomic import atomic_path
 from unigendet.convert import AE_PREFIX, UNIGENDET_ONLY_PREFIXES, from_bagel, to_bagel
 from unigendet.model.bagel_config import config_from_bagel_dir, config_to_bagel_files
 from unigendet.model.config import UniGenDetConfig
@@ -404,8 +405,8 @@ def copy_tokenizer(src: str | Path, out: str | Path) -> list[str]:
     copied = []
     for name in TOKENIZER_FILES:
         if (folder / name).exists() and (folder / name).resolve() != (Path(out) / name).resolve():
-            shutil.copyfile(folder / name, Path(out) / (name + ".tmp"))
-            os.replace(Path(out) / (name + ".tmp"), Path(out) / name)
+            with atomic_path(Path(out) / name, what="tokenizer file") as partial:
+                shutil.copyfile(folder / name, partial)
             copied.append(name)
     if "tokenizer.json" not in copied and not (Path(out) / "tokenizer.json").exists():
         raise FileNotFoundError(f"no tokenizer.json in {folder}")
@@ -413,10 +414,9 @@ def copy_tokenizer(src: str | Path, out: str | Path) -> list[str]:
 
 
 def _atomic_save(tensors: dict[str, Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files; a released model is readable like any file
-    os.replace(tmp, path)
+    # safetensors creates 0600 files; a released model is readable like any file
+    with atomic_path(path, what="weights file", mode=0o666 & ~_umask()) as partial:
+        save_file(tensors, str(partial), metadata={"format": "pt"})
 
 
 def _umask() -> int:
@@ -426,6 +426,5 @@ def _umask() -> int:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path, what="config file") as partial:
+        partial.write_text(text)

@@ -7,7 +7,9 @@ file under the real name, and a killed writer leaves its temporary file in /tmp.
 
 ``AtomicCheckpointIO`` serialises into ``.<name>.partial`` next to the target, fsyncs it, then ``os.replace``s it
 onto the target and fsyncs the folder: a reader sees the old checkpoint or the new one, never a part. The
-partial file of a killed writer is overwritten by the next save. ``LitUniGenDet`` installs it on the trainer's
+partial file of a killed writer is overwritten by the next save. :func:`unigendet.atomic.atomic_path` is that
+procedure for any writer, and the project's only one: checkpoints, exported safetensors and json, tokenizer copies,
+cached weights. ``LitUniGenDet`` installs it on the trainer's
 strategy when the strategy uses the default IO (distributed checkpoints are handled by
 :class:`unigendet.strategy.FSDP2Strategy`). A failed write removes its partial file and says so; loading is
 ``weights_only=True`` only.
@@ -22,43 +24,13 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from unigendet.atomic import atomic_path
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to ``path`` through ``.<name>.partial``. A failed write (disk full, quota, I/O error) removes
-    the partial file and raises an ``OSError`` that names the checkpoint and says the previous one is unchanged."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.parent / f".{path.name}.partial"
-    try:
-        with open(partial, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
-        partial.unlink(missing_ok=True)
-        errno = getattr(e, "errno", None) or _errno_in(e)
-        kept = "the previous checkpoint there is unchanged" if path.exists() else "no earlier checkpoint exists there"
-        raise OSError(errno, f"could not write checkpoint {path} ({e}); {kept}") from e
-    os.replace(partial, path)
-    fsync_dir(path.parent)
-
-
-def _errno_in(e: BaseException) -> int | None:
-    import errno
-
-    text = str(e)
-    for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
-        if os.strerror(code) in text or errno.errorcode[code] in text:
-            return code
-    return None
+    """``torch.save`` to ``path`` through :func:`atomic_path`."""
+    with atomic_path(path, what="checkpoint") as partial, open(partial, "wb") as f:
+        torch.save(obj, f)
 
 
 def refuse_unsafe_load(weights_only: bool | None) -> bool:

@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from unigendet.atomic import atomic_path
+
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
 ENV_VAR = "UNIGENDET_INCEPTION_WEIGHTS"
@@ -125,13 +127,8 @@ def _from_safetensors(path: Path) -> Path:
     _check_state_dict(state, path)
     out = _cache_dir(path) / f"{path.stem}-{_sha256(path)[:16]}.pth"
     if not out.is_file():
-        fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".pth.tmp")
-        os.close(fd)
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, out)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        with atomic_path(out, what="cached Inception weights", per_process=True) as partial:  # ranks race here
+            torch.save(state, partial)
     return out
 
 

@@ -27,7 +27,8 @@ from typing import Any
 
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from unigendet.ckpt_io import AtomicCheckpointIO, fsync_dir, refuse_unsafe_load
+from unigendet.atomic import fsync_dir
+from unigendet.ckpt_io import AtomicCheckpointIO, refuse_unsafe_load
 
 
 class FSDP2Strategy(ModelParallelStrategy):
