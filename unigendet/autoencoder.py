@@ -115,9 +115,12 @@ def psnr(ae: ConvAutoencoder, images: list[Tensor]) -> float:
 def save_autoencoder(ae: ConvAutoencoder, path: Path, report: dict) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, str(path),
-              metadata={"unigendet_autoencoder": json.dumps(report)})
+    from unigendet.atomic import atomic_path
+
+    # atomic: `unigendet demo` reuses an existing file, so a killed write must not leave a truncated one
+    with atomic_path(path, what="autoencoder") as partial:
+        save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, str(partial),
+                  metadata={"unigendet_autoencoder": json.dumps(report)})
 
 
 def load_autoencoder(ae: torch.nn.Module, path: str | Path) -> dict:

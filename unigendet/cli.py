@@ -227,7 +227,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if training:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         if tok_json is not None:
-            (Path(args.out) / "tokenizer.json").write_text(tok_json)
+            from unigendet.atomic import atomic_path
+
+            with atomic_path(Path(args.out) / "tokenizer.json", what="tokenizer file") as partial:
+                partial.write_text(tok_json)
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     out = save_folder(model, args.out, dtype=dtype, single_file=args.single_file,
                       max_shard_bytes=int(args.max_shard_gb * 1024**3), progress=not args.no_progress)
