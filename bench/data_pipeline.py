@@ -9,7 +9,7 @@ the median wait per batch. DataLoader workers run with one torch thread each (th
 
 Corpora (written to a temp dir, or to ``--data-dir`` and reused from there):
 
-* ``demo``: the embedded demo corpus (:func:`data_modules.demo_corpus.build_demo_corpus`; ``--demo-size``, small by
+* ``demo``: the embedded demo corpus (:func:`unigendet.demo.corpus.build_demo_corpus`; ``--demo-size``, small by
   default: the full one takes 1-2 min to build on 2 cores and has the same 64-128 px images);
 * ``jpeg512``: ``--jpeg-images`` 512x512 JPEGs (quality 90; smooth gradients, blobs and noise), a FakeClue detection
   JSON (labels, prompts, answers) and a T2I jsonl (captions), read at the ``demo`` and the ``bagel-7b-mot`` preset's
@@ -41,11 +41,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_modules.demo_corpus import FULL, SMALL, build_demo_corpus  # noqa: E402
 from data_modules.detection import DetectionDataModule  # noqa: E402
 from data_modules.t2i import T2IDataModule  # noqa: E402
+from unigendet.demo.corpus import FULL, SMALL, build_demo_corpus  # noqa: E402
+from unigendet.inputs.tokenizer import Tokenizer, train_bpe  # noqa: E402
 from unigendet.model.config import UniGenDetConfig  # noqa: E402
-from unigendet.tokenizer import Tokenizer, train_bpe  # noqa: E402
 
 BUDGETS = {"demo": 4096, "bagel-7b-mot": 16384}  # default tokens per packed batch (bagel: ~6 detection samples)
 PRESETS = {"demo": ["demo"], "jpeg512": ["demo", "bagel-7b-mot"]}  # presets read per corpus by default

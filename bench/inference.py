@@ -22,9 +22,9 @@ import torch
 from PIL import Image
 
 from unigendet.inference import Engine
+from unigendet.inputs.tokenizer import train_bpe
 from unigendet.model.config import UniGenDetConfig
 from unigendet.model.unigendet import UniGenDet
-from unigendet.tokenizer import train_bpe
 
 CAPTION = "a close-up photo of a tabby cat sitting on a red wooden bench in a sunny park, warm afternoon light"
 

@@ -201,8 +201,8 @@ def _cnn_split(corpus: Path, split: str, limit: int | None = None):
     """(x, y, ids) of a detection split; y = 1 for fake (the positive class), as the protocol scores it."""
     import torch
 
-    from unigendet.images import open_image
-    from unigendet.skips import SkipCounter
+    from unigendet.inputs.images import open_image
+    from unigendet.inputs.skips import SkipCounter
 
     recs = json.loads((corpus / "detection" / f"{split}.json").read_text())[:limit]
     xs, ys, ids, skips = [], [], [], SkipCounter()
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.seeds, args.steps, args.small_corpus = args.seeds[:1], 2, True
         args.eval_images, args.eval_prompts, args.gen_px, args.gen_steps, args.max_new_tokens = 6, 3, 32, 2, 4
-    from unigendet.demo import build_corpus
+    from unigendet.demo.runner import build_corpus
 
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)

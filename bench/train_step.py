@@ -158,8 +158,8 @@ def profile_step(args, name: str, step) -> None:
 def bench_coevolution(args, cfg: UniGenDetConfig, ac: bool) -> dict:
     import lightning as L
 
-    from unigendet.lit_module import LitUniGenDet, Schedule
-    from unigendet.sharding import FSDPConfig
+    from unigendet.distributed.sharding import FSDPConfig
+    from unigendet.training.module import LitUniGenDet, Schedule
 
     plans = issue_batches(cfg, args.layout)
     batches = {k: pack(v, cfg) for k, v in plans.items()}

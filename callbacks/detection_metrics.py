@@ -29,7 +29,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
 from callbacks.wandb_only import find_wandb
-from unigendet.evaluation import head_scores
+from unigendet.evaluation.scores import detection_summary
 
 log = logging.getLogger("unigendet.callbacks")
 
@@ -39,32 +39,6 @@ CLASS_NAMES = ["fake", "real"]  # indexed by the dataset label: 0 = fake, 1 = re
 ########################################################################################################################
 # the numbers
 ########################################################################################################################
-def detection_summary(p_fake: torch.Tensor, label: torch.Tensor, cates: list[str | None] | None = None) -> dict:
-    """Metrics of per-sample p(fake) (N,) against dataset labels (N,) (0 = fake, 1 = real).
-
-    Returns ``acc``, ``f1`` (macro over the two classes), ``auroc`` (nan when only one label is present),
-    ``confusion`` (2, 2) counts indexed [true, predicted] by dataset label, and, when ``cates`` is given,
-    ``per_category``: ``{cate: {"n", "acc"[, "auroc"]}}`` for every category that is not None.
-    """
-    from torchmetrics.functional.classification import binary_auroc
-
-    p = p_fake.float()
-    out: dict = head_scores(p, label)
-    fake, pred = (label == 0).long(), (p >= 0.5).long()
-    predicted_label = 1 - pred  # back to the dataset's labels
-    out["confusion"] = torch.bincount(label.long() * 2 + predicted_label, minlength=4).reshape(2, 2)
-    if cates is not None:
-        if len(cates) != len(p):
-            raise ValueError(f"{len(cates)} categories for {len(p)} samples")
-        per: dict[str, dict] = {}
-        for cate in sorted({c for c in cates if c is not None}):
-            m = torch.tensor([c == cate for c in cates])
-            f = fake[m]
-            per[cate] = {"n": int(m.sum()), "acc": float((pred[m] == f).float().mean())}
-            if f.min() != f.max():
-                per[cate]["auroc"] = float(binary_auroc(p[m], f))
-        out["per_category"] = per
-    return out
 
 
 def detection_sample_ids(batch) -> list:

@@ -24,8 +24,8 @@ import lightning as L
 import torch
 
 from callbacks.wandb_only import PeriodicWandbCallback
-from unigendet.sharding import unsharded
-from unigendet.skips import SkipCounter
+from unigendet.distributed.sharding import unsharded
+from unigendet.inputs.skips import SkipCounter
 
 log = logging.getLogger("unigendet.callbacks")
 
@@ -75,7 +75,7 @@ class ForensicExplanations(PeriodicWandbCallback):
 
     def rouge_l(self, prediction: str, reference: str) -> float:
         if self._rouge is None:
-            from unigendet.text_metrics import RougeL
+            from unigendet.evaluation.text_metrics import RougeL
 
             self._rouge = RougeL()  # stemmed, as the evaluation protocol scores explanations
         return self._rouge(prediction, reference)
@@ -84,7 +84,6 @@ class ForensicExplanations(PeriodicWandbCallback):
     def detect_panel(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[list]:
         """The table rows (see ``COLUMNS``) for the current (EMA) weights."""
         import wandb
-
         from unigendet.inference import Engine
 
         dm = trainer.datamodule

@@ -9,7 +9,8 @@ Features:
 * **Reproducible fakes**: ``pl_module.generate_images(..., use_ema=True)`` at ``px`` x ``px``, ``steps`` ODE steps and
   ``cfg_scale``, in chunks of ``batch_size``; the chunk starting at record ``i`` uses seed ``seed + i``, at every
   validation, so the numbers move only with the weights.
-* **Metrics**: :func:`unigendet.fidelity.fidelity_metrics` (torch-fidelity, offline, on the module's device) logged
+* **Metrics**: :func:`unigendet.evaluation.fidelity.fidelity_metrics` (torch-fidelity, offline, on the module's
+  device) logged
   as ``<key>/fid``, ``<key>/kid_mean``, ``<key>/kid_std``, ``<key>/is_mean``, ``<key>/is_std`` at
   ``trainer.global_step``.
 * **When**: at the end of every ``every_n_validations``-th validation (not the sanity check); the count is saved in
@@ -33,8 +34,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
 from callbacks.wandb_only import find_wandb, runs_here
-from unigendet.fidelity import ENV_VAR, fidelity_metrics, inception_weights
-from unigendet.skips import SkipCounter
+from unigendet.evaluation.fidelity import ENV_VAR, fidelity_metrics, inception_weights
+from unigendet.inputs.skips import SkipCounter
 
 log = logging.getLogger("unigendet.callbacks")
 

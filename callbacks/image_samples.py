@@ -8,7 +8,7 @@ Features:
 * **Logged to W&B** under ``key`` (default ``samples``): ``<key>/grid`` (one image, rows of ``n_cols``, captioned
   ``index: prompt``), ``<key>/images`` (one image per prompt, captioned ``prompt | seed s | p(fake) p``),
   ``<key>/p_fake_mean`` and ``<key>/p_fake/<i>``. A grid with each image's caption (``index: prompt | seed s |
-  p(fake) p``) printed under it (:func:`unigendet.plots.caption_grid`) is also written to
+  p(fake) p``) printed under it (:func:`unigendet.evaluation.plots.caption_grid`) is also written to
   ``<save_dir or trainer.default_root_dir>/<key>/grid_step_<step>.png`` (by default ``.../samples/...``; the key
   keeps two instances with different keys apart), so the PNG on disk says what each image was asked to show.
 * **The co-evolution in one view**: p(fake) is the detection head's verdict
@@ -33,7 +33,7 @@ import lightning as L
 import torch
 
 from callbacks.wandb_only import PeriodicWandbCallback
-from unigendet.plots import caption_grid
+from unigendet.evaluation.plots import caption_grid
 
 log = logging.getLogger("unigendet.callbacks")
 AUTO_PX = 512  # px=None: the model's largest side, at most this

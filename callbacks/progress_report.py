@@ -8,7 +8,8 @@ Features:
 
   accuracy and AUROC of the real/fake head over the validation samples, its accuracy per FakeClue ``cate``, and the
   mean training detection-head and flow losses since the previous validation.
-* **Curves**: at the end of fitting, :func:`unigendet.plots.progress_curves_png` (per-family validation accuracy and
+* **Curves**: at the end of fitting, :func:`unigendet.evaluation.plots.progress_curves_png` (per-family validation
+  accuracy and
   the training losses against the step) to ``curves`` (default ``<trainer.default_root_dir>/curves.png``); with a
   W&B logger the same numbers go to W&B as ``val/cate/<cate>/acc`` and the picture as ``val/curves``.
 * **No second forward**: p(fake) and sample ids are collected as :class:`callbacks.DetectionMetrics` does (it is
@@ -83,7 +84,7 @@ class ProgressReport(DetectionMetrics):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or not self.history:
             return
-        from unigendet.plots import progress_curves_png
+        from unigendet.evaluation.plots import progress_curves_png
 
         path = progress_curves_png(self.history, self.train, self.curves_path(trainer))
         say(trainer, f"[val] curves: {path}")

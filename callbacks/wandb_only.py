@@ -16,7 +16,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
-from unigendet.sharding import is_sharded
+from unigendet.distributed.sharding import is_sharded
 
 log = logging.getLogger("unigendet.callbacks")
 

@@ -11,7 +11,7 @@ _EXPORTS = {
     "CoEvolutionDataModule": "data_modules.coevolution",
     "GenStream": "data_modules.coevolution",
     "PackedStream": "data_modules.stream",
-    "SkipCounter": "unigendet.skips",
+    "SkipCounter": "unigendet.inputs.skips",
 }
 __all__ = list(_EXPORTS)
 

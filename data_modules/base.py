@@ -25,10 +25,10 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from data_modules.stream import PackedStream, plan_tokens, record_generator
+from unigendet.inputs.skips import SkipCounter
+from unigendet.inputs.tokenizer import Tokenizer
+from unigendet.inputs.transforms import ImageTransform, vae_transform, vit_transform
 from unigendet.model.config import UniGenDetConfig
-from unigendet.skips import SkipCounter
-from unigendet.tokenizer import Tokenizer
-from unigendet.transforms import ImageTransform, vae_transform, vit_transform
 
 
 @dataclass(eq=False, repr=False)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from data_modules.base import StreamDataModule, balanced, resolve
 from data_modules.plans import DetectionPlanner
-from data_modules.records import read_detection
-from unigendet.images import open_image
-from unigendet.skips import SkipCounter
+from unigendet.inputs.images import open_image
+from unigendet.inputs.records import read_detection
+from unigendet.inputs.skips import SkipCounter
 
 
 @dataclass(eq=False, repr=False)

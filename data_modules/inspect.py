@@ -2,8 +2,8 @@
 
 Features:
 
-* **The same code path as training**: :func:`~data_modules.records.read_detection` / ``read_t2i``,
-  :func:`~unigendet.images.open_image` and the ViT + VAE transforms of the chosen preset (detection records go
+* **The same code path as training**: :func:`~unigendet.inputs.records.read_detection` / ``read_t2i``,
+  :func:`~unigendet.inputs.images.open_image` and the ViT + VAE transforms of the chosen preset (detection records go
   through both, T2I records through the VAE one), so every record that would be skipped in training is skipped and
   counted here, per reason, with one example id each.
 * **One JSON object on stdout**: ``{"delivered": N, "skipped": {reason: count}, "examples": {reason: id}}``.
@@ -26,7 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from data_modules.records import (
+from unigendet.inputs.images import MAX_PIXELS, open_image
+from unigendet.inputs.records import (
     CorpusError,
     DetectionRecord,
     T2IRecord,
@@ -35,8 +36,7 @@ from data_modules.records import (
     read_t2i,
     t2i_image_root,
 )
-from unigendet.images import MAX_PIXELS, open_image
-from unigendet.skips import SkipCounter
+from unigendet.inputs.skips import SkipCounter
 
 DEFAULT_PRESET = "bagel-7b-mot"
 
@@ -67,7 +67,7 @@ def _limited(records: Iterator, limit: int | None) -> Iterator:
 def _check_chunk(kind: str, records: list, root: Path | None, cfg: Any, max_pixels: int,
                  image_column: str) -> tuple[int, dict]:
     """Decode and transform one chunk of records (in a worker process, or inline): (delivered, skip state)."""
-    from unigendet.transforms import vae_transform, vit_transform
+    from unigendet.inputs.transforms import vae_transform, vit_transform
 
     skips = SkipCounter()
     vit_tf, vae_tf = vit_transform(cfg), vae_transform(cfg)

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from data_modules.records import DetectionRecord, T2IRecord, load_parquet_image_bytes
-from unigendet.images import open_image
+from unigendet.inputs.images import open_image
+from unigendet.inputs.records import DetectionRecord, T2IRecord, load_parquet_image_bytes
+from unigendet.inputs.skips import SkipCounter
+from unigendet.inputs.tokenizer import Tokenizer
+from unigendet.inputs.transforms import ImageTransform
 from unigendet.model.packing import SamplePlan, TextSplit, VAESplit, ViTSplit
-from unigendet.skips import SkipCounter
-from unigendet.tokenizer import Tokenizer
-from unigendet.transforms import ImageTransform
 
 DEFAULT_TEACHER_PROMPT = "This image was described as: {caption}. Does the image look real or fake?"
 

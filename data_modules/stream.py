@@ -35,9 +35,9 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from unigendet.inputs.skips import SkipCounter
 from unigendet.model.config import UniGenDetConfig
 from unigendet.model.packing import SamplePlan, TextSplit, VAESplit, ViTSplit, pack
-from unigendet.skips import SkipCounter
 
 log = logging.getLogger("unigendet.data")
 

@@ -16,8 +16,8 @@
 The returned :class:`Manifest` says, per corpus, which record ids must be delivered and which must be skipped with
 which reason; and, for ``unigendet detect`` over ``det/images``, which JSON line each file must give.
 
-The expectations come from the documented behaviour (``data_modules/records.py``, ``unigendet/images.py``,
-``unigendet/transforms.py`` docstrings), not from running the code:
+The expectations come from the documented behaviour (``unigendet/inputs/records.py``, ``unigendet/inputs/images.py``,
+``unigendet/inputs/transforms.py`` docstrings), not from running the code:
 
 * normalised, hence delivered: CMYK, ``I;16``, palette + ``transparency``, LA / RGBA (alpha on white), EXIF
   orientation, animated GIF / WebP (first frame), a symlink that resolves inside the root, 20000x10 (short side 10

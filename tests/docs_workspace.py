@@ -41,7 +41,7 @@ GENEVAL = ["a photo of a bench", "a photo of a cow and a bicycle"]
 def model_folder(out: Path, tokenizer: Path, seed: int) -> Path:
     import torch
 
-    from unigendet.checkpoint import save_folder
+    from unigendet.checkpoint.folders import save_folder
     from unigendet.model.config import UniGenDetConfig
     from unigendet.model.unigendet import UniGenDet
 
@@ -97,9 +97,9 @@ def _jpeg(path: Path) -> bytes:
 
 def build(ws: Path) -> Path:
     """Fill ``ws`` with everything the documented commands read."""
-    from data_modules.demo_corpus import SMALL, build_demo_corpus
     from tests.inception_file import build_inception_weights
-    from unigendet.autoencoder import train_from_corpus
+    from unigendet.demo.corpus import SMALL, build_demo_corpus
+    from unigendet.training.autoencoder import train_from_corpus
 
     ws.mkdir(parents=True, exist_ok=True)
     (ws / "experiments").symlink_to(REPO / "experiments")

@@ -5,7 +5,8 @@ A subclass whose ``load_state_dict`` ignores its argument is built from a file h
 random ``state_dict()`` is saved: the keys then match what torch-fidelity's strict load expects. PyTorch's default init
 shrinks activations layer after layer (the 2048-d features come out near zero, every FID ~1e-12), so the batch-norm
 running statistics are first calibrated on one batch of random images, smooth to noisy, upscaled to 299 px as
-:func:`unigendet.fidelity.fidelity_images` does: every layer then sees unit-scale inputs and the features, FID and IS
+:func:`unigendet.evaluation.fidelity.fidelity_images` does: every layer then sees unit-scale inputs and the features,
+FID and IS
 respond to the images.
 Import the ``inception_weights`` fixture (session scope) into a test module to use it.
 """

@@ -1,4 +1,5 @@
-"""unigendet.atomic.atomic_path: the project's one atomic writer (checkpoints, exports, tokenizer copies, caches)."""
+"""unigendet.checkpoint.atomic.atomic_path: the project's one atomic writer (checkpoints, exports, tokenizer copies,
+caches)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import stat
 
 import pytest
 
-from unigendet.atomic import atomic_path
+from unigendet.checkpoint.atomic import atomic_path
 
 
 def test_a_failed_write_keeps_the_old_file_and_names_it(tmp_path):

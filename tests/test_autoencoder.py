@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from unigendet.autoencoder import load_autoencoder, psnr, save_autoencoder, train_autoencoder
 from unigendet.model.config import UniGenDetConfig, VAEConfig
 from unigendet.model.vae import ConvAutoencoder, PixelAutoencoder, build_autoencoder
+from unigendet.training.autoencoder import load_autoencoder, psnr, save_autoencoder, train_autoencoder
 
 CFG = UniGenDetConfig.from_name("demo").vae
 
@@ -92,9 +92,9 @@ def test_save_load_round_trip_and_a_file_for_another_shape_is_refused(tmp_path):
 
 def test_train_ae_command_and_init_ae_from(tmp_path):
     """As a user runs it: `unigendet train-ae` on the small demo corpus, then a model whose frozen AE is that file."""
-    from data_modules.demo_corpus import SMALL, build_demo_corpus
     from tests.docs_workspace import environment
-    from unigendet.lit_module import LitUniGenDet
+    from unigendet.demo.corpus import SMALL, build_demo_corpus
+    from unigendet.training.module import LitUniGenDet
 
     corpus = tmp_path / "corpus"
     build_demo_corpus(corpus, seed=0, **SMALL)

@@ -18,10 +18,10 @@ from data_modules.detection import DetectionDataModule
 from data_modules.t2i import T2IDataModule
 from tests.bad_inputs import DELIVER, build_bad_corpus
 from tests.conftest import REPO
-from unigendet.checkpoint import save_folder
+from unigendet.checkpoint.folders import save_folder
+from unigendet.inputs.tokenizer import train_bpe
 from unigendet.model.config import UniGenDetConfig
 from unigendet.model.unigendet import UniGenDet
-from unigendet.tokenizer import train_bpe
 
 SIZES = dict(vit_min_side=28, vit_max_side=56, vae_min_side=32, vae_max_side=64)
 BUDGET = 400  # tokens per pack: a good detection sample is ~60, the long answer is several hundred more
@@ -131,7 +131,7 @@ def test_skips_of_a_worker_without_a_good_record_are_counted(corpus, tmp_path):
     # the token-less batch that carries the skip-only worker's counts goes through a real validation (no forward)
     import lightning as L
 
-    from unigendet.lit_module import LitUniGenDet
+    from unigendet.training.module import LitUniGenDet
 
     lit = LitUniGenDet(model="tiny", ema_decay=None)
     tr = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from unigendet.skips import SkipCounter
+from unigendet.inputs.skips import SkipCounter
 
 sys.path.insert(0, str(REPO / "bench"))
 

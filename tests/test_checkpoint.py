@@ -1,4 +1,4 @@
-"""Tests of unigendet.checkpoint: BAGEL-format export / streaming load, key names, error reporting.
+"""Tests of unigendet.checkpoint.folders: BAGEL-format export / streaming load, key names, error reporting.
 
 Every model here is the ``tiny`` (or ``demo``) preset with every parameter overwritten by seeded N(0, 1) values, so
 "equal" means bit-for-bit equal and a tensor landing under the wrong name cannot go unnoticed.
@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import bagel_keys_file, config_diff, fixture_params
-from unigendet.checkpoint import (
+from unigendet.checkpoint.folders import (
     AE_FILE,
     INDEX,
     CheckpointError,
@@ -26,7 +26,7 @@ from unigendet.checkpoint import (
     save_folder,
     weight_files,
 )
-from unigendet.convert import AE_PREFIX, UNIGENDET_ONLY_PREFIXES, to_bagel
+from unigendet.checkpoint.keymap import AE_PREFIX, UNIGENDET_ONLY_PREFIXES, to_bagel
 from unigendet.model.config import UniGenDetConfig
 from unigendet.model.unigendet import UniGenDet
 

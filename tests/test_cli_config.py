@@ -63,8 +63,8 @@ def test_model_overrides_merge_key_by_key(capsys, tmp_path):
 
 
 def test_typed_overrides_build_the_network_they_describe():
-    from unigendet.lit_module import LitUniGenDet
     from unigendet.model.config import ModelOverrides
+    from unigendet.training.module import LitUniGenDet
 
     over = ModelOverrides.from_dict({"mot": {"n_layers": 3}, "vit": {"mean": [0.1, 0.2, 0.3]}})
     assert over.to_dict() == {"mot": {"n_layers": 3}, "vit": {"mean": [0.1, 0.2, 0.3]}}
@@ -77,11 +77,11 @@ def test_typed_overrides_build_the_network_they_describe():
 
 def test_a_model_folder_alone_gives_the_architecture_and_the_tokenizer(tmp_path):
     from tests.docs_workspace import model_folder
-    from unigendet.lit_module import LitUniGenDet
+    from unigendet.training.module import LitUniGenDet
 
     tok = tmp_path / "tok"
     tok.mkdir()
-    from unigendet.tokenizer import train_bpe
+    from unigendet.inputs.tokenizer import train_bpe
 
     train_bpe(["a photo of a cat"] * 4, tok / "tokenizer.json", vocab_size=2048)
     folder = model_folder(tmp_path / "model", tok / "tokenizer.json", seed=0)
@@ -126,10 +126,10 @@ def test_errors_raised_while_building_are_one_line_too():
 
 
 def test_base_logs_to_wandb_offline_without_credentials(monkeypatch, tmp_path):
-    from unigendet.wandb_logger import WandbLogger
+    from unigendet.tracking.wandb_logger import WandbLogger
 
     base = yaml.safe_load((EXPERIMENTS / "base.yaml").read_text())["trainer"]
-    assert base["logger"]["class_path"] == "unigendet.wandb_logger.WandbLogger"
+    assert base["logger"]["class_path"] == "unigendet.tracking.wandb_logger.WandbLogger"
     assert [c["class_path"] for c in base["callbacks"]][:4] == ["callbacks.DetectionMetrics", "callbacks.Throughput",
                                                                 "callbacks.ImageSamples",
                                                                 "callbacks.ForensicExplanations"]
@@ -155,8 +155,8 @@ def demo_run(tmp_path_factory):
     """``unigendet fit --config experiments/demo.yaml`` in a fresh folder holding the small demo corpus and its
     autoencoder (``unigendet train-ae``, as demo.yaml's comment says), two steps
     with a validation, no W&B credentials: (its folder, the completed process)."""
-    from data_modules.demo_corpus import SMALL, build_demo_corpus
     from tests.docs_workspace import environment
+    from unigendet.demo.corpus import SMALL, build_demo_corpus
 
     ws = tmp_path_factory.mktemp("demo_fit")
     (ws / "experiments").symlink_to(EXPERIMENTS)
@@ -210,7 +210,7 @@ def test_without_a_logger_the_config_goes_to_a_run_folder_not_the_working_direct
 
     (tmp_path / "home").mkdir()
     (tmp_path / "experiments").symlink_to(EXPERIMENTS)
-    from data_modules.demo_corpus import SMALL, build_demo_corpus
+    from unigendet.demo.corpus import SMALL, build_demo_corpus
 
     build_demo_corpus(tmp_path / "demo-run" / "corpus", seed=0, n_real=SMALL["n_real"],
                       n_fake_per_family=SMALL["n_fake_per_family"])
@@ -237,7 +237,7 @@ def test_the_repository_tracks_no_run_config():
 
 
 def test_each_noise_filter_silences_its_message_and_nothing_else():
-    from unigendet import noise
+    from unigendet.tracking import noise
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -252,7 +252,7 @@ def test_each_noise_filter_silences_its_message_and_nothing_else():
 
 def test_evaluation_filters_apply_to_evaluation_only():
     """A resumed fit still warns that the checkpoint folder changed; `unigendet test` of a checkpoint does not."""
-    from unigendet import noise
+    from unigendet.tracking import noise
 
     [n] = noise.EVALUATION_WARNINGS
     sample = "The dirpath has changed from 'a' to 'b', therefore ... won't be reloaded."
@@ -271,7 +271,7 @@ def test_noise_filters_match_what_the_libraries_print():
     import importlib.util
     import re
 
-    from unigendet import noise
+    from unigendet.tracking import noise
 
     for n in [*noise.WARNINGS, *noise.EVALUATION_WARNINGS, *noise.LOG_LINES]:
         root = Path(importlib.util.find_spec(n.source.split(".")[0]).origin).parent
@@ -354,7 +354,7 @@ def test_a_callback_setting_the_model_cannot_honour_fails_before_training(tmp_pa
 
 def test_image_samples_px_none_is_the_models_largest_side_up_to_512():
     from callbacks import ImageSamples
-    from unigendet.lit_module import LitUniGenDet
+    from unigendet.training.module import LitUniGenDet
 
     demo = LitUniGenDet(model="demo")  # 8 px per latent token, 8 of them: 64 px
     cb = ImageSamples(px=None)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from unigendet.demo import main_demo
+from unigendet.demo.runner import main_demo
 
 
 def test_demo_runs_end_to_end_and_reports_json(tmp_path, capsys, monkeypatch):
@@ -59,7 +59,7 @@ def test_demo_scores_the_final_weights_when_max_steps_is_off_the_checkpoint_inte
     import torch
     import yaml
 
-    from unigendet.demo import REPO_EXPERIMENTS, build_corpus, train
+    from unigendet.demo.runner import REPO_EXPERIMENTS, build_corpus, train
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):

@@ -1,11 +1,11 @@
-"""unigendet/demo_metrics.py: verdict parsing and scores, the token-block ratio."""
+"""unigendet/demo/metrics.py: verdict parsing and scores, the token-block ratio."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from unigendet.demo_metrics import block_ratio, verdict, verdict_scores
+from unigendet.demo.metrics import block_ratio, verdict, verdict_scores
 
 
 def test_verdict_is_the_first_real_or_fake_word():
@@ -46,7 +46,7 @@ def _images(arrays):
 
 
 def test_frechet_distance_is_zero_for_equal_sets_and_grows_with_a_shift():
-    from unigendet.demo_metrics import frechet_distance
+    from unigendet.demo.metrics import frechet_distance
 
     rng = np.random.default_rng(0)
     a = rng.standard_normal((500, 6))
@@ -61,7 +61,7 @@ def test_frechet_distance_is_zero_for_equal_sets_and_grows_with_a_shift():
 
 
 def test_fd_features_tell_block_noise_from_smooth_images():
-    from unigendet.demo_metrics import fd_features, frechet_distance
+    from unigendet.demo.metrics import fd_features, frechet_distance
 
     rng = np.random.default_rng(1)
     yy, xx = np.mgrid[0:48, 0:40] / 48.0

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from callbacks import DetectionMetrics
-from callbacks.detection_metrics import detection_sample_ids, detection_summary
+from callbacks.detection_metrics import detection_sample_ids
 from tests.test_explanations_callback import history, offline_wandb  # noqa: F401  (offline_wandb is a fixture)
 from tests.test_lit_module import corpus, make, trainer  # noqa: F401  (corpus is a fixture)
-from unigendet.lit_module import detection_metrics
+from unigendet.evaluation.scores import detection_summary, loop_metrics
 
 
 def test_summary_matches_a_hand_computed_case():
@@ -35,7 +35,7 @@ def test_summary_matches_a_hand_computed_case():
     assert s["per_category"] == {"gan": {"n": 2, "acc": 1.0},  # all fake: accuracy only (= recall)
                                  "sd": {"n": 4, "acc": 0.5, "auroc": pytest.approx(3 / 4)}}
     # the module's overall numbers, same convention
-    module = detection_metrics({"p_fake": [p[:2], p[2:]], "label": [label[:2], label[2:]], "ce": [torch.zeros(6)]})
+    module = loop_metrics({"p_fake": [p[:2], p[2:]], "label": [label[:2], label[2:]], "ce": [torch.zeros(6)]})
     assert {k: s[k] for k in ("acc", "f1", "auroc")} == pytest.approx({k: module[k] for k in ("acc", "f1", "auroc")})
 
 
@@ -46,8 +46,9 @@ def test_sample_ids_follow_the_labelled_samples():
 
 
 def test_logged_per_category_metrics_roc_and_confusion(corpus, offline_wandb, tmp_path):  # noqa: F811
-    import wandb
     from lightning.pytorch.loggers import WandbLogger
+
+    import wandb
 
     lit, dm = make(corpus, ema_decay=None)
     cb = DetectionMetrics()

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from unigendet.ema import EMA
 from unigendet.model.config import UniGenDetConfig
 from unigendet.model.unigendet import UniGenDet
+from unigendet.training.ema import EMA
 
 
 class Toy(nn.Module):

@@ -15,8 +15,9 @@ import pytest
 
 from tests.inception_file import inception_weights  # noqa: F401  (a fixture)
 from tests.test_resume import REPO, SMALL, corpus, fit_command, run  # noqa: F401  (corpus is a fixture)
-from unigendet.evaluation import EvalConfig, flat_metrics, markdown, summarize_detection
-from unigendet.text_metrics import css, parse_label, rouge_l
+from unigendet.evaluation.protocol import EvalConfig, flat_metrics, markdown
+from unigendet.evaluation.scores import summarize_detection
+from unigendet.evaluation.text_metrics import css, parse_label, rouge_l
 
 # (reference, prediction, CSS from scikit-learn 1.9.1 TfidfVectorizer().fit_transform([ref, pred]) + cosine_similarity,
 #  ROUGE-L F from rouge-score 0.1.2 RougeScorer(["rougeL"], use_stemmer=True).score(ref, pred)), computed once in a
@@ -125,7 +126,7 @@ def eval_command(corpus: Path, root: Path, ckpt: Path, out: Path, weights: Path,
 
 def test_unigendet_test_writes_the_protocol_report(corpus, inception_weights, tmp_path):  # noqa: F811
     from data_modules import CoEvolutionDataModule
-    from unigendet.fidelity import fidelity_metrics
+    from unigendet.evaluation.fidelity import fidelity_metrics
     from unigendet.inference import UniGenDetPipeline
 
     root = tmp_path / "run"
@@ -242,7 +243,7 @@ def test_two_sharded_processes_split_the_evaluation_and_agree_with_one(corpus, i
 
 
 def test_missing_inception_weights_are_reported_not_fatal(tmp_path):
-    from unigendet.evaluation import fidelity_or_reason
+    from unigendet.evaluation.protocol import fidelity_or_reason
 
     out = fidelity_or_reason([], [], EvalConfig(inception_weights=str(tmp_path / "absent.pth")))
     assert "absent.pth" in out["not_computed"]
@@ -351,8 +352,8 @@ def stand_in(live: Live, n: int = 9):
 @pytest.fixture
 def stand_in_inception(monkeypatch):
     """The small stand-in features instead of Inception-v3 (and no weights file to check)."""
-    import unigendet.evaluation as ev
-    import unigendet.fidelity as fid
+    import unigendet.evaluation.fidelity as fid
+    import unigendet.evaluation.protocol as ev
 
     seen = []
 
@@ -368,7 +369,7 @@ def stand_in_inception(monkeypatch):
 
 def expected_generation(cfg: EvalConfig, n: int = 9) -> dict:
     """An independent pass: the readable captions in record order, their real and generated images' features."""
-    from unigendet.fidelity import metrics_from_features
+    from unigendet.evaluation.fidelity import metrics_from_features
 
     live = Live()
     dm, engine = stand_in(live, n)
@@ -388,7 +389,7 @@ def test_protocol_holds_one_batch_of_images_not_all_of_them(stand_in_inception, 
     batch is read, judged / generated, saved and turned into features, and dropped before the next one."""
     from PIL import Image
 
-    from unigendet.evaluation import run_protocol, write_report
+    from unigendet.evaluation.protocol import run_protocol, write_report
 
     live = Live()
     dm, engine = stand_in(live)
@@ -425,7 +426,7 @@ def test_protocol_holds_one_batch_of_images_not_all_of_them(stand_in_inception, 
 
 
 def test_without_an_output_folder_the_pngs_wait_in_a_temporary_one(stand_in_inception, tmp_path):
-    from unigendet.evaluation import run_protocol, write_report
+    from unigendet.evaluation.protocol import run_protocol, write_report
 
     live = Live()
     dm, engine = stand_in(live, n=4)
@@ -456,7 +457,7 @@ def test_two_ranks_gather_features_not_images_and_agree_with_one(stand_in_incept
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    import unigendet.evaluation as ev
+    import unigendet.evaluation.protocol as ev
 
     local, barrier, slots, payloads = threading.local(), threading.Barrier(2, timeout=60), [None, None], []
 
@@ -494,7 +495,7 @@ def test_two_ranks_gather_features_not_images_and_agree_with_one(stand_in_incept
 def test_a_figure_that_cannot_be_drawn_is_explained_in_the_report(tmp_path):
     from dataclasses import asdict
 
-    from unigendet.evaluation import write_report
+    from unigendet.evaluation.protocol import write_report
 
     rows = [{"index": i, "id": str(i), "cate": None, "label": "fake", "p_fake": p,
              "head": "fake" if p >= 0.5 else "real"} for i, p in enumerate([0.9, 0.3, 0.7])]
@@ -516,9 +517,9 @@ def test_generated_pngs_go_where_the_report_will_be(tmp_path):
     <default_root_dir>/lightning_logs/<time>, + /eval), else a temporary folder; nothing without save_images."""
     from types import SimpleNamespace
 
-    from unigendet.evaluation import _png_dir, report_dir
+    from unigendet.evaluation.protocol import _png_dir, report_dir
 
-    class Trainer(SimpleNamespace):  # what unigendet.runs asks of a trainer 
+    class Trainer(SimpleNamespace):  # what unigendet.tracking.runs asks of a trainer 
         is_global_zero = True
         strategy = SimpleNamespace(broadcast=lambda obj, src=0: obj)
         __hash__ = object.__hash__  # runs keys its cache by the trainer object

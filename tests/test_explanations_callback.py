@@ -44,11 +44,11 @@ def offline_wandb(tmp_path, monkeypatch):
 
 
 def test_table_of_panel_verdicts_and_explanations(corpus, offline_wandb, tmp_path):  # noqa: F811
-    import wandb
     from lightning.pytorch.loggers import WandbLogger
     from PIL import Image
-    from torchmetrics.text.rouge import ROUGEScore  # recomputed independently of unigendet.text_metrics
+    from torchmetrics.text.rouge import ROUGEScore  # recomputed independently of unigendet.evaluation.text_metrics
 
+    import wandb
     from unigendet.inference import Engine
 
     n, max_new = 4, 12

@@ -15,7 +15,7 @@ import torch
 
 from tests.conftest import REPO
 from tests.test_lit_module import corpus, make, trainer  # noqa: F401  (corpus is a fixture)
-from unigendet.ckpt_io import AtomicCheckpointIO
+from unigendet.checkpoint.lightning_io import AtomicCheckpointIO
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
@@ -136,7 +136,7 @@ def evil_ckpt(tmp_path):
 def test_checkpoints_with_pickled_code_are_refused_everywhere(evil_ckpt, tmp_path):
     import pickle
 
-    from unigendet.checkpoint import CheckpointError, load_lightning_checkpoint
+    from unigendet.checkpoint.folders import CheckpointError, load_lightning_checkpoint
 
     path, marker = evil_ckpt
     io = AtomicCheckpointIO()

@@ -24,14 +24,14 @@ from tests.inception_file import inception_weights  # noqa: F401  (a fixture)
 from tests.test_explanations_callback import offline_wandb  # noqa: F401  (a fixture)
 from tests.test_lit_module import corpus, make, trainer  # noqa: F401  (corpus is a fixture)
 from tests.wandb_log import read_run
-from unigendet.fidelity import (
+from unigendet.evaluation.fidelity import (
     ENV_VAR,
     INCEPTION_FILE,
     InceptionWeightsMissing,
     fidelity_images,
     fidelity_metrics,
 )
-from unigendet.fidelity import inception_weights as check_weights
+from unigendet.evaluation.fidelity import inception_weights as check_weights
 
 
 def noise(n: int, seed: int, lo: int = 0, hi: int = 256, px: int = 64) -> list:
@@ -233,8 +233,9 @@ def gen_data(corpus: Path, val: Path) -> dict:  # noqa: F811
 
 def test_logged_metrics_equal_a_recomputation_from_the_ema_generator(corpus, offline_wandb, inception_weights,  # noqa: F811
                                                                      tmp_path, caplog):
-    import wandb
     from lightning.pytorch.loggers import WandbLogger
+
+    import wandb
 
     lit, dm = make(corpus, data=gen_data(corpus, val_with_a_missing_image(corpus)))
     cb = GenerationQuality(inception_weights=str(inception_weights), n_images=6, px=32, steps=2, batch_size=3)
@@ -269,8 +270,9 @@ def test_logged_metrics_equal_a_recomputation_from_the_ema_generator(corpus, off
 
 def test_missing_weights_warn_once_and_the_run_goes_on(corpus, offline_wandb, tmp_path, caplog,  # noqa: F811
                                                        monkeypatch):
-    import wandb
     from lightning.pytorch.loggers import WandbLogger
+
+    import wandb
 
     monkeypatch.delenv(ENV_VAR, raising=False)
     lit, dm = make(corpus, ema_decay=None)

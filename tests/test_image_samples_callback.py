@@ -32,9 +32,10 @@ def logged(run_dir: Path, meta: dict) -> list[np.ndarray]:
 
 def test_samples_at_validations_and_every_n_steps_match_a_recomputation(corpus, offline_wandb, tmp_path):  # noqa: F811
     import torch
-    import wandb
     from lightning.pytorch.loggers import WandbLogger
     from PIL import Image
+
+    import wandb
 
     lit, dm = make(corpus)
     auto = ImageSamples(n_prompts=3, px=PX, steps=STEPS, seed=5, n_cols=2)  # prompts from the T2I val split, EMA
@@ -83,7 +84,7 @@ def test_samples_at_validations_and_every_n_steps_match_a_recomputation(corpus, 
         assert np.array_equal(saved[y: y + PX, x: x + PX], pixels(e)), i
         assert (saved[y + PX: y + PX + band, x: x + PX].max(axis=2) < 128).any(), i  # caption text
     assert (saved[PX + band:, PX:] == 255).all()
-    from unigendet.plots import caption_grid
+    from unigendet.evaluation.plots import caption_grid
 
     numbered = [f"{i}: {c}" for i, c in enumerate(rows[-1]["samples/images"]["captions"])]
     assert np.array_equal(saved, pixels(caption_grid(expected, numbered, 2)))

@@ -17,13 +17,13 @@ import torch
 from PIL import Image
 
 from tests.conftest import REPO, SHARED
-from unigendet.checkpoint import save_folder
+from unigendet.checkpoint.folders import save_folder
 from unigendet.cli import main
 from unigendet.inference import DEFAULT_PROMPT, UniGenDetPipeline
+from unigendet.inputs.tokenizer import train_bpe
 from unigendet.model.config import UniGenDetConfig
 from unigendet.model.packing import SamplePlan, TextSplit, VAESplit, ViTSplit, pack
 from unigendet.model.unigendet import UniGenDet
-from unigendet.tokenizer import train_bpe
 
 REAL_FAKE = SHARED / "fixtures" / "real_world" / "gpt_image_2_fake.png"
 GENEVAL = SHARED / "fixtures" / "real_world" / "geneval_prompts.txt"

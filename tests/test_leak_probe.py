@@ -1,4 +1,5 @@
-"""The metadata leak probe (data_modules/leak_probe.py): it must catch a planted leak and stay near chance without one.
+"""The metadata leak probe (unigendet/demo/leak_probe.py): it must catch a planted leak and stay near chance without
+one.
 
 Each test writes a small FakeClue-format folder of smooth random images. "Fakes" differ from "reals" only in the way
 the test plants, so the probe's held-out accuracy is known in advance: near 1 with a metadata leak, near 0.5 without.
@@ -14,7 +15,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from data_modules.leak_probe import FEATURES, metadata_features, probe
+from unigendet.demo.leak_probe import FEATURES, metadata_features, probe
 
 
 def _image(rng: np.random.Generator, noise: float) -> np.ndarray:
@@ -65,7 +66,7 @@ def test_probe_stays_near_chance_without_a_leak(tmp_path):
 
 def test_the_demo_corpus_does_not_leak_its_labels(tmp_path):
     """The corpus `make demo` builds (full size, seed 0): metadata alone stays at or below 0.60 held-out accuracy."""
-    from data_modules.demo_corpus import build_demo_corpus
+    from unigendet.demo.corpus import build_demo_corpus
 
     build_demo_corpus(tmp_path / "corpus", seed=0)
     out = probe(tmp_path / "corpus" / "detection")

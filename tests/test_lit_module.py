@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from tests.conftest import REPO
-from unigendet.optim import partition
+from unigendet.training.optim import partition
 
 EXPERIMENTS = REPO / "experiments"
 # the demo preset shrunk to test size; it matches the demo corpus (tokenizer, 8 px patches and latent tokens)
@@ -23,8 +23,8 @@ SMALL = {"mot": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "mlp_d
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from data_modules.demo_corpus import SMALL as SMALL_CORPUS
-    from data_modules.demo_corpus import build_demo_corpus
+    from unigendet.demo.corpus import SMALL as SMALL_CORPUS
+    from unigendet.demo.corpus import build_demo_corpus
 
     out = tmp_path_factory.mktemp("demo_corpus")
     build_demo_corpus(out, seed=0, **{k: v for k, v in SMALL_CORPUS.items() if k in ("n_real", "n_fake_per_family")})
@@ -42,8 +42,8 @@ def data_args(corpus: Path, teacher: bool = False, **kw) -> dict:
 
 def make(corpus, *, teacher=False, data=None, **model_kw):
     from data_modules import CoEvolutionDataModule
-    from unigendet.lit_module import LitUniGenDet, Schedule
-    from unigendet.optim import OptimConfig
+    from unigendet.training.module import LitUniGenDet, Schedule
+    from unigendet.training.optim import OptimConfig
 
     sched = model_kw.pop("schedule", {})
     optim = model_kw.pop("optim", {})
@@ -128,7 +128,7 @@ class SeedEachBatch(L.Callback):
 
 
 def test_joint_gduf_is_one_adamw_update_of_the_weighted_sum(corpus, tmp_path):
-    from unigendet.optim import param_groups
+    from unigendet.training.optim import param_groups
 
     lit, dm = make(corpus, schedule={"joint": True}, optim={"schedule": "constant", "clip_det": 1.0,
                                                             "weight_decay": 0.01}, ema_decay=None)

@@ -13,7 +13,7 @@ from tests.conftest import mixed_plans
 from unigendet.model.config import UniGenDetConfig
 from unigendet.model.packing import pack
 from unigendet.model.unigendet import UniGenDet, reduce_losses
-from unigendet.optim import (
+from unigendet.training.optim import (
     SIDES,
     OptimConfig,
     build_optimizer,
@@ -216,16 +216,16 @@ def test_linear_decay_to_min_ratio_without_warmup():
 
 
 def test_warmup_is_capped_at_half_the_run(caplog):
-    with caplog.at_level(logging.WARNING, logger="unigendet.optim"):
+    with caplog.at_level(logging.WARNING, logger="unigendet.training.optim"):
         assert effective_warmup(2000, 1000) == 500
-    assert any(r.name == "unigendet.optim" and r.levelno == logging.WARNING and "2000" in r.getMessage()
+    assert any(r.name == "unigendet.training.optim" and r.levelno == logging.WARNING and "2000" in r.getMessage()
                for r in caplog.records)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="unigendet.optim"):
+    with caplog.at_level(logging.WARNING, logger="unigendet.training.optim"):
         assert effective_warmup(500, 1000) == 500
         assert effective_warmup(0, 1) == 0
     assert not caplog.records
-    with caplog.at_level(logging.WARNING, logger="unigendet.optim"):
+    with caplog.at_level(logging.WARNING, logger="unigendet.training.optim"):
         f = lr_lambda(OptimConfig(warmup_steps=2000, schedule="linear", min_lr_ratio=0.0), 1000)
     assert caplog.records
     assert [f(0), f(499), f(500), f(750), f(1000)] == pytest.approx([1 / 501, 500 / 501, 1.0, 0.5, 0.0])

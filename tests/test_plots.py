@@ -1,4 +1,5 @@
-"""unigendet.plots: each PNG is a real PNG of a sensible size, and what it draws (the ROC points and AUROC, the
+"""unigendet.evaluation.plots: each PNG is a real PNG of a sensible size, and what it draws (the ROC points and AUROC,
+the
 confusion counts, the per-category bars, the loss series) is checked on the matplotlib figure against hand-computed
 values; the captioned grid is checked pixel by pixel."""
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unigendet import plots
+from unigendet.evaluation import plots
 
 # p(fake) and labels of tests/test_evaluation.py's hand-computed summary: AUROC 5/6
 P_FAKE = [0.9, 0.4, 0.7, 0.2, 0.6]
@@ -105,7 +106,7 @@ def test_per_category_bars_from_rows_and_from_summary_stats(tmp_path, figures):
     # head: gan 1/1, real_photos 0/1, sd 2/3; explanation: gan 0/1, real_photos 1/1, sd 2/3 (None is wrong)
     assert heights == [100.0, 0.0, round(200 / 3, 6), 0.0, 100.0, round(200 / 3, 6)]
     assert sorted(t.get_text() for t in ax.texts) == ["n=1", "n=1", "n=3"]
-    from unigendet.evaluation import summarize_detection
+    from unigendet.evaluation.scores import summarize_detection
 
     stats = summarize_detection([{**r, "p_fake": 0.5, "rouge_l": 0.0, "css": 0.0} for r in rows()])["per_category"]
     plots.per_category_png(stats, tmp_path / "cat_stats.png")

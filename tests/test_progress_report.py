@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from callbacks import ProgressReport
-from callbacks.detection_metrics import detection_summary
 from tests.test_lit_module import corpus, make, trainer  # noqa: F401  (corpus is a fixture)
-from unigendet.plots import progress_curves_png
+from unigendet.evaluation.plots import progress_curves_png
+from unigendet.evaluation.scores import detection_summary
 
 
 def test_one_line_per_validation_and_curves(corpus, tmp_path, capsys):  # noqa: F811

@@ -27,14 +27,14 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from data_modules import records as records_module
-from data_modules.records import CorpusError, read_detection, read_t2i, strip_image_tag
 from data_modules.stream import PackedStream, plan_tokens
-from unigendet import skips as skips_module
+from unigendet.inputs import records as records_module
+from unigendet.inputs import skips as skips_module
+from unigendet.inputs.records import CorpusError, read_detection, read_t2i, strip_image_tag
+from unigendet.inputs.skips import SkipCounter
 from unigendet.model.attention import AttentionMask, SequenceLayout
 from unigendet.model.config import UniGenDetConfig
 from unigendet.model.packing import PackedBatch, SamplePlan, TextSplit, VAESplit, ViTSplit, pack
-from unigendet.skips import SkipCounter
 
 CFG = UniGenDetConfig.from_name("tiny")
 TOK = CFG.tokens

@@ -25,8 +25,8 @@ STEPS = 8
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from data_modules.demo_corpus import SMALL as SMALL_CORPUS
-    from data_modules.demo_corpus import build_demo_corpus
+    from unigendet.demo.corpus import SMALL as SMALL_CORPUS
+    from unigendet.demo.corpus import build_demo_corpus
 
     out = tmp_path_factory.mktemp("demo_corpus")
     build_demo_corpus(out, seed=0, **{k: v for k, v in SMALL_CORPUS.items() if k in ("n_real", "n_fake_per_family")})
@@ -129,7 +129,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_intact(
     target = tmp_path / "last.ckpt"
     script = (
         "import sys, torch\n"
-        "from unigendet.ckpt_io import AtomicCheckpointIO\n"
+        "from unigendet.checkpoint.lightning_io import AtomicCheckpointIO\n"
         "n = int(sys.argv[2])\n"
         "AtomicCheckpointIO().save_checkpoint({'version': n, 'blob': torch.full((n * 2_000_000,), float(n))},"
         " sys.argv[1])\n")
@@ -162,8 +162,8 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_intact(
 def test_the_lightning_module_installs_the_atomic_io(tmp_path):
     import lightning as L
 
-    from unigendet.ckpt_io import AtomicCheckpointIO
-    from unigendet.lit_module import LitUniGenDet
+    from unigendet.checkpoint.lightning_io import AtomicCheckpointIO
+    from unigendet.training.module import LitUniGenDet
 
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, default_root_dir=tmp_path)
     lit = LitUniGenDet(model="tiny")

@@ -261,7 +261,7 @@ def slurm_cluster():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from data_modules.demo_corpus import SMALL, build_demo_corpus
+    from unigendet.demo.corpus import SMALL, build_demo_corpus
 
     out = tmp_path_factory.mktemp("slurm_corpus")
     build_demo_corpus(out, seed=0, n_real=SMALL["n_real"], n_fake_per_family=SMALL["n_fake_per_family"])

@@ -30,11 +30,11 @@ def logged_val_metrics() -> set[str]:
     """The ``val/...`` names ``LitUniGenDet.on_validation_epoch_end`` logs, from the function that computes them."""
     import torch
 
-    from unigendet.lit_module import detection_metrics
+    from unigendet.evaluation.scores import loop_metrics
 
     collected = {"p_fake": [torch.tensor([0.2, 0.7])], "label": [torch.tensor([0, 1])],
                  "ce": [torch.tensor([1.0, 2.0])], "mse": [torch.tensor([0.5])]}
-    return {f"val/{k}" for k in detection_metrics(collected)}
+    return {f"val/{k}" for k in loop_metrics(collected)}
 
 
 def concrete(name: str, spec: dict):

@@ -44,7 +44,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from unigendet.model.unigendet import UniGenDet
 
     if args.bagel_dir and args.load:
-        from unigendet.checkpoint import load_model
+        from unigendet.checkpoint.folders import load_model
 
         model, report = load_model(args.bagel_dir, strict=not args.lenient)
         cfg = model.cfg
@@ -128,8 +128,8 @@ def _progress(items: list, enabled: bool, unit: str):
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from unigendet.images import open_image
-    from unigendet.skips import SkipCounter
+    from unigendet.inputs.images import open_image
+    from unigendet.inputs.skips import SkipCounter
 
     # everything that can be checked is checked before the weights are read
     paths = _expand_images(args.inputs)
@@ -209,7 +209,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    from unigendet.checkpoint import (
+    from unigendet.checkpoint.folders import (
         copy_tokenizer,
         is_training_checkpoint,
         load_lightning_checkpoint,
@@ -227,7 +227,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if training:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         if tok_json is not None:
-            from unigendet.atomic import atomic_path
+            from unigendet.checkpoint.atomic import atomic_path
 
             with atomic_path(Path(args.out) / "tokenizer.json", what="tokenizer file") as partial:
                 partial.write_text(tok_json)
@@ -240,7 +240,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from unigendet.plots import loss_curves_png
+    from unigendet.evaluation.plots import loss_curves_png
 
     path = Path(args.steps)
     if not path.is_file():
@@ -266,13 +266,13 @@ def _inspect_data(argv: list[str]) -> int:
 
 
 def _demo_data(argv: list[str]) -> int:
-    from data_modules.demo_corpus import main_demo_data
+    from unigendet.demo.corpus import main_demo_data
 
     return main_demo_data(argv)
 
 
 def _leak_probe(argv: list[str]) -> int:
-    from data_modules.leak_probe import main
+    from unigendet.demo.leak_probe import main
 
     return main(argv)
 
@@ -289,13 +289,13 @@ def lightning_main(argv: list[str]) -> int:
 # commands with their own argument parsers (they live in data_modules, which may import unigendet, not vice versa
 # at import time: these are imported only when called)
 def _demo(argv: list[str]) -> int:
-    from unigendet.demo import main_demo
+    from unigendet.demo.runner import main_demo
 
     return main_demo(argv)
 
 
 def _train_ae(argv: list[str]) -> int:
-    from unigendet.autoencoder import main_train_ae
+    from unigendet.training.autoencoder import main_train_ae
 
     return main_train_ae(argv)
 
@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from unigendet import noise
+    from unigendet.tracking import noise
 
     argv = sys.argv[1:] if argv is None else list(argv)
     noise.install(evaluation=bool(argv) and argv[0] in ("test", "validate", "predict"))

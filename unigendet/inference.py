@@ -23,13 +23,13 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from unigendet.inputs.tokenizer import Tokenizer
+from unigendet.inputs.transforms import vae_transform, vit_transform
 from unigendet.model import flow
 from unigendet.model.attention import CAUSAL, NOISE, SequenceLayout
 from unigendet.model.mot import KVCache
 from unigendet.model.packing import SamplePlan, TextSplit, VAESplit, ViTSplit, pack
 from unigendet.model.unigendet import UniGenDet, unpatchify_latent
-from unigendet.tokenizer import Tokenizer
-from unigendet.transforms import vae_transform, vit_transform
 
 DEFAULT_PROMPT = "Does the image looks real/fake?"  # FakeClue's question
 
@@ -235,13 +235,13 @@ class UniGenDetPipeline(Engine):
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
                         strict: bool = True) -> UniGenDetPipeline:
-        from unigendet.checkpoint import is_training_checkpoint, load_model
+        from unigendet.checkpoint.folders import is_training_checkpoint, load_model
 
         path = Path(path)
         if is_training_checkpoint(path):  # a training checkpoint carries its tokenizer
             import tempfile
 
-            from unigendet.checkpoint import load_lightning_checkpoint
+            from unigendet.checkpoint.folders import load_lightning_checkpoint
 
             model, report, tok_json = load_lightning_checkpoint(path, device=device, dtype=dtype)
             if tok_json is None:

@@ -27,7 +27,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from unigendet.runs import run_folder
+from unigendet.tracking.runs import run_folder
 
 PROG = "unigendet"
 # W&B summaries: the best value of each, not the last (sweeps and run tables read the summary)
@@ -157,7 +157,7 @@ class StepProgressBar(TQDMProgressBar):
 
 class UniGenDetCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
-        from unigendet.lit_module import LitUniGenDet
+        from unigendet.training.module import LitUniGenDet
 
         kwargs.setdefault("parser_kwargs", {"prog": PROG})
         super().__init__(LitUniGenDet, L.LightningDataModule, subclass_mode_data=True, args=args, run=run,
@@ -188,7 +188,7 @@ class UniGenDetCLI(LightningCLI):
 
 def lightning_main(argv: list[str]) -> int:
     """``unigendet fit|validate|test|predict ...``."""
-    import unigendet.strategy  # noqa: F401  (registers strategy="fsdp2")
+    import unigendet.distributed.strategy  # noqa: F401  (registers strategy="fsdp2")
 
     UniGenDetCLI(args=argv)
     return 0

@@ -15,8 +15,8 @@ from PIL import Image
 from data_modules.coevolution import CoEvolutionDataModule
 from data_modules.detection import DetectionDataModule
 from data_modules.t2i import T2IDataModule
+from unigendet.inputs.tokenizer import train_bpe
 from unigendet.model.config import UniGenDetConfig
-from unigendet.tokenizer import train_bpe
 
 SIZES = dict(vit_min_side=28, vit_max_side=56, vae_min_side=32, vae_max_side=64)
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_modules import demo_corpus as dc
-from data_modules import explain as ex
-from data_modules import fakes
+from unigendet.demo import corpus as dc
+from unigendet.demo import explain as ex
+from unigendet.demo import fakes
 
 FAMILIES = ("real", *fakes.FAMILIES)
 TINY = {"n_real": 16, "n_fake_per_family": 4}

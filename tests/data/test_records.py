@@ -19,11 +19,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageFile
 
-from data_modules import records
 from data_modules.inspect import inspect_data, main_inspect
-from data_modules.records import CorpusError, load_parquet_image_bytes, read_detection, read_t2i, t2i_image_root
-from unigendet.images import open_image
-from unigendet.skips import SkipCounter
+from unigendet.inputs import records
+from unigendet.inputs.images import open_image
+from unigendet.inputs.records import CorpusError, load_parquet_image_bytes, read_detection, read_t2i, t2i_image_root
+from unigendet.inputs.skips import SkipCounter
 
 #####################################################################################################
 # Builders

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from unigendet.inputs.skips import SkipCounter
+from unigendet.inputs.transforms import ImageTooSmall, ImageTransform, vae_transform, vit_transform
 from unigendet.model.config import UniGenDetConfig
-from unigendet.skips import SkipCounter
-from unigendet.transforms import ImageTooSmall, ImageTransform, vae_transform, vit_transform
 
 SIZES = [1, 7, 8, 13, 50, 100, 223, 224, 225, 511, 640, 980, 981, 1023, 1500, 4000, 12000]
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import bagel_keys_file, mixed_plans
-from unigendet.convert import to_bagel
+from unigendet.checkpoint.keymap import to_bagel
 from unigendet.model.config import UniGenDetConfig
 from unigendet.model.packing import SamplePlan, TextSplit, VAESplit, ViTSplit, pack
 from unigendet.model.unigendet import UniGenDet, patchify_latent, reduce_losses, unpatchify_latent

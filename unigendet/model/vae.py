@@ -15,7 +15,7 @@ Three implementations share one interface, :class:`Autoencoder`, and are picked 
 * :class:`PixelAutoencoder` (``"pixel"``) - no parameters: an exactly invertible space-to-depth map, for tests and
   for generation in pixel space without any AE.
 * :class:`ConvAutoencoder` (``"conv"``) - the CPU demo's small learned AE; trained once on the corpus before the
-  model (``unigendet train-ae``, :mod:`unigendet.autoencoder`), because nothing pretrained can be downloaded.
+  model (``unigendet train-ae``, :mod:`unigendet.training.autoencoder`), because nothing pretrained can be downloaded.
 
 Images are (B, C, H, W) in [-1, 1]. The AE is never trained with the model: :func:`build_autoencoder` returns it
 with ``requires_grad_(False)``. Gradients still flow to the *input* of encode/decode when the caller needs them.
@@ -367,7 +367,7 @@ class PixelAutoencoder(Autoencoder):
 
 class ConvAutoencoder(Autoencoder):
     """The CPU demo's small learned autoencoder (``"conv"``), trained on a corpus by ``unigendet train-ae``
-    (:mod:`unigendet.autoencoder`).
+    (:mod:`unigendet.training.autoencoder`).
 
     Encoder: space-to-depth by ``downsample``, two 3x3 convolutions of width ``ch`` and a 1x1 projection to
     ``z_channels``. Decoder: a 1x1 convolution and two 3x3 convolutions at the latent resolution, then per octave a

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from unigendet.inputs.skips import SkipCounter
 from unigendet.model.config import UniGenDetConfig
-from unigendet.skips import SkipCounter
 
 MIN_IMAGE_SIDE = 8  # inputs with a shorter side are skipped as image_too_small
 VIT_MIN_RATIO = 224 / 980  # BAGEL's ViT min/max side

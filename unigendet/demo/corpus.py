@@ -18,7 +18,7 @@ Features:
 * Held-out splits never share pixels with train: every source photo is cut into a 2x2..3x3 grid of cells, a hash of
   (photo, cell) sends one cell to test, one to val and the rest to train, and every crop (real, or the real content
   of a fake) comes from a cell of its own split. T2I captions name the cell, so test prompts never occur in train.
-* Fakes come from :mod:`data_modules.fakes`; explanations and captions from :mod:`data_modules.explain`, written
+* Fakes come from :mod:`unigendet.demo.fakes`; explanations and captions from :mod:`unigendet.demo.explain`, written
   from measurements of each image.
 * Every image has its own ``numpy`` generator seeded by (seed, family, index): no global state, any order.
 """
@@ -42,9 +42,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from data_modules import explain as ex
-from data_modules import fakes
-from unigendet.tokenizer import SPECIAL_TOKENS, train_bpe
+from unigendet.demo import explain as ex
+from unigendet.demo import fakes
+from unigendet.inputs.tokenizer import SPECIAL_TOKENS, train_bpe
 
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -277,7 +277,7 @@ def _versions() -> dict[str, str]:
 
 _README = """# UniGenDet embedded demo corpus
 
-Built by `unigendet demo-data` (data_modules/demo_corpus.py), seed {seed}. Nothing here was downloaded.
+Built by `unigendet demo-data` (unigendet/demo/corpus.py), seed {seed}. Nothing here was downloaded.
 
 - `detection/{{train,val,test}}.json`: FakeClue-format records (label 0 = fake, 1 = real; `cate` = family).
   Real images are crops of the photographs shipped in scikit-image (`skimage.data`); fakes come from four

@@ -27,8 +27,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from unigendet.atomic import atomic_path
-from unigendet.convert import AE_PREFIX, UNIGENDET_ONLY_PREFIXES, from_bagel, to_bagel
+from unigendet.checkpoint.atomic import atomic_path
+from unigendet.checkpoint.keymap import AE_PREFIX, UNIGENDET_ONLY_PREFIXES, from_bagel, to_bagel
 from unigendet.model.bagel_config import config_from_bagel_dir, config_to_bagel_files
 from unigendet.model.config import UniGenDetConfig
 from unigendet.model.layers import PosEmbed2D, RMSNorm, sincos_2d_table

@@ -28,15 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from unigendet.inputs.skips import SkipCounter
 from unigendet.model.config import UniGenDetConfig, VAEConfig
 from unigendet.model.vae import ConvAutoencoder
-from unigendet.skips import SkipCounter
 
 
 def load_t2i_images(jsonl: Path) -> list[Tensor]:
-    """The images of a text-to-image metadata file (``data_modules.records.open_t2i_images``) as (3, H, W) in
+    """The images of a text-to-image metadata file (``unigendet.inputs.records.open_t2i_images``) as (3, H, W) in
     [-1, 1]; skipped records are reported on stderr."""
-    from data_modules.records import open_t2i_images
+    from unigendet.inputs.records import open_t2i_images
 
     skips = SkipCounter()
     out = [torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
@@ -115,7 +115,7 @@ def psnr(ae: ConvAutoencoder, images: list[Tensor]) -> float:
 def save_autoencoder(ae: ConvAutoencoder, path: Path, report: dict) -> None:
     from safetensors.torch import save_file
 
-    from unigendet.atomic import atomic_path
+    from unigendet.checkpoint.atomic import atomic_path
 
     # atomic: `unigendet demo` reuses an existing file, so a killed write must not leave a truncated one
     with atomic_path(path, what="autoencoder") as partial:

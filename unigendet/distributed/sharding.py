@@ -1,5 +1,5 @@
 """FSDP2 sharding of the UniGenDet network (``fully_shard``), used by ``LitUniGenDet.configure_model`` under
-:class:`unigendet.strategy.FSDP2Strategy`.
+:class:`unigendet.distributed.strategy.FSDP2Strategy`.
 
 Features:
 * one shard unit per decoder layer and per ViT block, then the root (embeddings, connector, heads, adapters);

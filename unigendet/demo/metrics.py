@@ -1,4 +1,4 @@
-"""Numbers the demo reports beyond the head's (``callbacks.detection_metrics.detection_summary``): the explanation's
+"""Numbers the demo reports beyond the head's (``unigendet.evaluation.scores.detection_summary``): the explanation's
 verdict and token-block artifacts.
 
 * :func:`verdict` - the first "real" or "fake" (whole word, any case) of an explanation, or None;

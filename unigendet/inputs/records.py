@@ -1,7 +1,7 @@
 """Record readers: FakeClue detection corpora and LAION-style text-to-image corpora -> typed records.
 
 Records carry metadata only (paths, labels, text); pixels are decoded later, in the loader workers
-(:func:`unigendet.images.open_image`).
+(:func:`unigendet.inputs.images.open_image`).
 
 Features:
 
@@ -10,7 +10,7 @@ Features:
   sits in memory as one Python list. Parquet captions are read in batches; image bytes are read later, one cell at a
   time (:func:`load_parquet_image_bytes`).
 * **Every bad record is a counted skip, never an exception.** The reason (see ``skips.REASONS``) goes to the
-  :class:`~unigendet.skips.SkipCounter`. The first failing check decides the reason, in this order:
+  :class:`~unigendet.inputs.skips.SkipCounter`. The first failing check decides the reason, in this order:
   ``malformed_record`` (unparsable JSON line, non-object element, missing image path), ``bad_label``,
   ``empty_conversation`` / ``bad_conversation``, ``bad_text`` (not a string, or undecodable: invalid UTF-8 bytes or
   lone surrogates), ``text_too_long``, ``path_escapes_root``.
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unigendet.skips import SkipCounter
+from unigendet.inputs.skips import SkipCounter
 
 log = logging.getLogger("unigendet.data")
 
@@ -331,7 +331,7 @@ def read_detection(path: str | os.PathLike, skips: SkipCounter, *, image_root: s
         path: the JSON / JSONL file.
         skips: receives one counted skip per bad record.
         image_root: unused by the reader (records keep the relative path); accepted so callers can pass one set of
-            corpus options. Images are resolved under it by :func:`unigendet.images.open_image`.
+            corpus options. Images are resolved under it by :func:`unigendet.inputs.images.open_image`.
         categories: keep only records whose ``cate`` is in this set (records filtered out are not skips).
         prompt_override: replaces every record's prompt (the human turn), e.g. a fixed forensic question.
         max_text_chars: a prompt or answer longer than this is a ``text_too_long`` skip.
@@ -442,7 +442,7 @@ def read_t2i(path: str | os.PathLike, skips: SkipCounter, *, image_column: str =
 def open_t2i_images(path: str | os.PathLike, skips: SkipCounter) -> list[tuple[str, Any]]:
     """(prompt, RGB ``PIL.Image``) of every record of a text-to-image metadata file (:func:`read_t2i`) whose image
     decodes; bad records and unreadable images are counted in ``skips``. Small corpora only: every image is held."""
-    from unigendet.images import open_image
+    from unigendet.inputs.images import open_image
 
     root = t2i_image_root(path)
     pairs = ((rec.prompt, open_image(rec.image, skips, rec.id, root=root)) for rec in read_t2i(path, skips))

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unigendet.atomic import atomic_path
+from unigendet.checkpoint.atomic import atomic_path
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"

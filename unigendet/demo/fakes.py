@@ -23,7 +23,7 @@ corpus is byte-identical for a given seed. Features:
                        a hard or barely feathered seam.
 
 Every generator returns a :class:`FakeResult` (uint8 ``(H, W, 3)`` image + an ``info`` dict of what it did); the
-explanations in :mod:`data_modules.explain` are written from measurements of the pixels, using ``info`` only to name
+explanations in :mod:`unigendet.demo.explain` are written from measurements of the pixels, using ``info`` only to name
 what the measurements point at (e.g. the splice mask).
 """
 

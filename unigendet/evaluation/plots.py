@@ -5,7 +5,7 @@ Features:
 * **The report's figures** (``unigendet test`` writes them next to ``report.md``): :func:`roc_curve_png` (ROC of the
   fake class, which is label 0 in FakeClue and the positive class everywhere here, scored by p(fake), with the AUROC
   of :func:`torchmetrics.functional.classification.binary_auroc` in the title, the definition
-  :func:`unigendet.evaluation.head_scores` uses), :func:`confusion_matrix_png` (rows: the truth, columns: the
+  :func:`unigendet.evaluation.scores.head_scores` uses), :func:`confusion_matrix_png` (rows: the truth, columns: the
   prediction, counts and row percentages) and :func:`per_category_png` (accuracy per ``cate`` with the image count
   above each bar, from detection rows or from ``summarize_detection(...)["per_category"]``).
 * **Progress curves** (:func:`progress_curves_png`): validation accuracy per family against the step next to the
@@ -176,7 +176,7 @@ def per_category_png(rows_or_stats: Iterable[Mapping[str, Any]] | Mapping[str, M
 
     Args:
         rows_or_stats: detection rows (dicts with ``cate``, ``label``, ``head``, optionally ``text``), or the
-            ``{cate: {"n", "head_acc"[, "text_acc"]}}`` of :func:`unigendet.evaluation.summarize_detection`.
+            ``{cate: {"n", "head_acc"[, "text_acc"]}}`` of :func:`unigendet.evaluation.scores.summarize_detection`.
         path: the PNG to write.
 
     Returns:

@@ -7,11 +7,11 @@ file under the real name, and a killed writer leaves its temporary file in /tmp.
 
 ``AtomicCheckpointIO`` serialises into ``.<name>.partial`` next to the target, fsyncs it, then ``os.replace``s it
 onto the target and fsyncs the folder: a reader sees the old checkpoint or the new one, never a part. The
-partial file of a killed writer is overwritten by the next save. :func:`unigendet.atomic.atomic_path` is that
+partial file of a killed writer is overwritten by the next save. :func:`unigendet.checkpoint.atomic.atomic_path` is that
 procedure for any writer, and the project's only one: checkpoints, exported safetensors and json, tokenizer copies,
 cached weights. ``LitUniGenDet`` installs it on the trainer's
 strategy when the strategy uses the default IO (distributed checkpoints are handled by
-:class:`unigendet.strategy.FSDP2Strategy`). A failed write removes its partial file and says so; loading is
+:class:`unigendet.distributed.strategy.FSDP2Strategy`). A failed write removes its partial file and says so; loading is
 ``weights_only=True`` only.
 """
 
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from unigendet.atomic import atomic_path
+from unigendet.checkpoint.atomic import atomic_path
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

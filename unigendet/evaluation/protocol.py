@@ -3,7 +3,8 @@
 Features:
 * **Detection** on a FakeClue-format test split: every image is asked its record's question; the real/fake head gives
   p(fake) and a label, the greedy explanation (KV cache) gives a second label parsed from its text
-  (:func:`unigendet.text_metrics.parse_label`). Both are scored with accuracy and macro-F1 (fake = positive; an
+  (:func:`unigendet.evaluation.text_metrics.parse_label`). Both are scored with accuracy and macro-F1 (fake =
+  positive; an
   unparsed text counts as wrong), the head also with AUROC; the explanation with ROUGE-L (F, stemmed) and CSS (TF-IDF
   cosine) against the reference answer; everything also per ``cate``. Unreadable images are skipped and counted by
   reason, never silently dropped.
@@ -14,7 +15,7 @@ Features:
   generation each batch's real images become Inception features, then the batch is generated, saved as PNGs
   (``generated/<record index>.png``, prompt and seed in the PNG text), turned into Inception features and judged by the
   detector, and dropped: a rank holds about one batch of images at any time, and only 2048 + 1008 floats per image
-  are kept (:mod:`unigendet.fidelity`). The metrics are those of torch-fidelity on the same images.
+  are kept (:mod:`unigendet.evaluation.fidelity`). The metrics are those of torch-fidelity on the same images.
 * **Data parallel**: each rank takes every world-th record; rows, p(fake), Inception features and skip counts are
   gathered (never images), rank 0 computes the fidelity metrics from the features sorted by record index (KID subsets
   and IS splits then match a single process) and writes the report, and every rank returns the same results. The
@@ -22,7 +23,8 @@ Features:
   nodes), or into a temporary folder that :func:`write_report` empties into it when no output folder is known.
 * **Report**: ``results.json`` (settings, metrics, skips), ``detections.jsonl`` (one row per image: p(fake), both
   labels, explanation, reference, ROUGE-L, CSS), ``report.md`` (the tables a paper would show), its figures
-  ``roc.png``, ``confusion_matrix.png`` and ``per_category.png`` (:mod:`unigendet.plots`; a figure that cannot be drawn
+  ``roc.png``, ``confusion_matrix.png`` and ``per_category.png`` (:mod:`unigendet.evaluation.plots`; a figure that
+  cannot be drawn
   is replaced by a line saying why) and, optionally, the generated PNGs.
 """
 
@@ -43,13 +45,13 @@ from typing import Any
 
 import torch
 
-from unigendet.resume import gather_per_rank, world
-from unigendet.skips import SkipCounter
-from unigendet.text_metrics import RougeL, css, parse_label
+from unigendet.checkpoint.resume import gather_per_rank, world
+from unigendet.evaluation.scores import LABELS, summarize_detection
+from unigendet.evaluation.text_metrics import RougeL, css, parse_label
+from unigendet.inputs.skips import SkipCounter
 
-log = logging.getLogger("unigendet.evaluation")
+log = logging.getLogger("unigendet.evaluation.protocol")
 
-LABELS = ("fake", "real")  # indexed by the dataset label
 WEIGHTS_ENV = "UNIGENDET_INCEPTION_WEIGHTS"
 
 
@@ -138,58 +140,6 @@ def detect_rows(engine, items: Iterable[tuple[int, Any, Any]], cfg: EvalConfig, 
     return rows
 
 
-def head_scores(p_fake: torch.Tensor, label: torch.Tensor) -> dict[str, float]:
-    """Accuracy, macro-F1 and AUROC of per-sample p(fake) (N,) against dataset labels (N,) (0 = fake, 1 = real):
-    fake is the positive class, predicted when p(fake) >= 0.5; AUROC is nan when only one label is present. The one
-    definition behind ``val/…``, ``test/…``, the DetectionMetrics callback and the evaluation report."""
-    from torchmetrics.functional.classification import binary_auroc, multiclass_f1_score
-
-    p = p_fake.float()
-    fake = (label == 0).long()
-    pred = (p >= 0.5).long()
-    return {"acc": float((pred == fake).float().mean()),
-            "f1": float(multiclass_f1_score(pred, fake, num_classes=2, average="macro")),
-            "auroc": float(binary_auroc(p, fake)) if fake.min() != fake.max() else float("nan")}
-
-
-def _scores(truth: list[str], pred: list[str | None]) -> dict[str, float]:
-    """Accuracy and macro-F1 over {fake, real}; a None prediction is wrong (it becomes the other label)."""
-    from torchmetrics.functional.classification import multiclass_f1_score
-
-    y = torch.tensor([LABELS.index(t) for t in truth])
-    p = torch.tensor([LABELS.index(q) if q is not None else 1 - LABELS.index(t)
-                      for t, q in zip(truth, pred, strict=True)])
-    return {"acc": float((p == y).float().mean()),
-            "f1": float(multiclass_f1_score(p, y, num_classes=2, average="macro"))}
-
-
-def summarize_detection(rows: list[dict]) -> dict[str, Any]:
-    """Metrics of detection rows, overall and per category."""
-    if not rows:
-        return {"n": 0}
-    truth = [r["label"] for r in rows]
-    out: dict[str, Any] = {"n": len(rows), "n_fake": truth.count("fake"), "n_real": truth.count("real")}
-    out["head"] = head_scores(torch.tensor([r["p_fake"] for r in rows]), torch.tensor([LABELS.index(t) for t in truth]))
-    if "text" in rows[0]:
-        texts = [r["text"] for r in rows]
-        out["text"] = {**_scores(truth, texts), "unparsed": sum(t is None for t in texts),
-                       "agrees_with_head": sum(r["text"] == r["head"] for r in rows) / len(rows)}
-        out["rouge_l"] = sum(r["rouge_l"] for r in rows) / len(rows)
-        out["css"] = sum(r["css"] for r in rows) / len(rows)
-    cates = sorted({r["cate"] for r in rows if r["cate"] is not None})
-    if cates:
-        out["per_category"] = {}
-        for c in cates:
-            sub = [r for r in rows if r["cate"] == c]
-            entry = {"n": len(sub), "head_acc": _scores([r["label"] for r in sub], [r["head"] for r in sub])["acc"]}
-            if "text" in sub[0]:
-                entry["text_acc"] = _scores([r["label"] for r in sub], [r["text"] for r in sub])["acc"]
-                entry["rouge_l"] = sum(r["rouge_l"] for r in sub) / len(sub)
-                entry["css"] = sum(r["css"] for r in sub) / len(sub)
-            out["per_category"][c] = entry
-    return out
-
-
 #####################################################################################################
 # generation
 #####################################################################################################
@@ -197,7 +147,7 @@ def summarize_detection(rows: list[dict]) -> dict[str, Any]:
 
 def inception_or_reason(cfg: EvalConfig, device: str = "cpu"):
     """(torch-fidelity's Inception feature extractor, None), or (None, why) when there are no weights."""
-    from unigendet.fidelity import InceptionWeightsMissing, inception_extractor
+    from unigendet.evaluation.fidelity import InceptionWeightsMissing, inception_extractor
 
     try:
         return inception_extractor(cfg.inception_weights or os.environ.get(WEIGHTS_ENV), device), None
@@ -206,9 +156,10 @@ def inception_or_reason(cfg: EvalConfig, device: str = "cpu"):
 
 
 def fidelity_or_reason(real: dict | None, fake: dict | None, cfg: EvalConfig) -> dict[str, Any]:
-    """FID / KID / IS from the Inception features (:func:`unigendet.fidelity.inception_features`, rows paired and in
+    """FID / KID / IS from the Inception features (:func:`unigendet.evaluation.fidelity.inception_features`, rows
+    paired and in
     record order) of the real and the generated images, or ``{"not_computed": why}``."""
-    from unigendet.fidelity import InceptionWeightsMissing, count, inception_weights, metrics_from_features
+    from unigendet.evaluation.fidelity import InceptionWeightsMissing, count, inception_weights, metrics_from_features
 
     try:
         inception_weights(cfg.inception_weights or os.environ.get(WEIGHTS_ENV))
@@ -244,7 +195,7 @@ def generate_batches(engine, items: Iterable[tuple[int, Any, Any]], cfg: EvalCon
     Returns:
         ``{"index", "prompt", "p_fake": lists, "real", "fake": feature dicts (empty without an extractor)}``.
     """
-    from unigendet.fidelity import concat_features, inception_features
+    from unigendet.evaluation.fidelity import concat_features, inception_features
 
     out: dict[str, Any] = {"index": [], "prompt": [], "p_fake": [], "real": [], "fake": []}
     # the sampler settings actually used (the model's defaults filled in), for the PNGs
@@ -311,8 +262,9 @@ def _summed(counts: Iterable[dict[str, int]]) -> dict[str, int]:
 
 def report_dir(cfg: EvalConfig, trainer) -> Path:
     """Where ``unigendet test`` reports: ``cfg.out_dir``, else ``<the run's folder>/eval``, next to the run's
-    ``config.yaml`` and checkpoints (:func:`unigendet.runs.shared_run_folder`: a broadcast, every rank calls it)."""
-    from unigendet.runs import shared_run_folder
+    ``config.yaml`` and checkpoints (:func:`unigendet.tracking.runs.shared_run_folder`: a broadcast, every rank calls
+    it)."""
+    from unigendet.tracking.runs import shared_run_folder
 
     return Path(cfg.out_dir) if cfg.out_dir else shared_run_folder(trainer) / "eval"
 
@@ -333,9 +285,8 @@ def _png_dir(dm, cfg: EvalConfig, out_dir) -> Path | None:
 
 def _by_index(parts: list[dict[str, Any]]) -> tuple[list[int], list[str], list[float], dict, dict]:
     """Every rank's generation results merged in record order: index, prompt, p(fake), real and fake features."""
-    import torch
 
-    from unigendet.fidelity import concat_features, count
+    from unigendet.evaluation.fidelity import concat_features, count
 
     index = [i for p in parts for i in p["index"]]
     order = sorted(range(len(index)), key=index.__getitem__)
@@ -453,7 +404,7 @@ FIGURES = (("roc.png", "ROC curve of the real/fake head (fake = positive)"),
 def detection_figures(rows: list[dict], det: dict[str, Any], out_dir: str | os.PathLike) -> list[tuple]:
     """Draw :data:`FIGURES` of the detection rows into ``out_dir``: ``(file, title, None)`` for each one drawn,
     ``(file, title, why)`` for each one that could not be (its stale file from an earlier report removed)."""
-    from unigendet import plots
+    from unigendet.evaluation import plots
 
     draw = {"roc.png": lambda path: plots.roc_curve_png([r["p_fake"] for r in rows], [r["label"] for r in rows], path),
             "confusion_matrix.png": lambda path: plots.confusion_matrix_png([r["head"] for r in rows],

@@ -15,7 +15,8 @@ Registered as ``fsdp2`` when this module is imported (``python -m unigendet fit`
 ``--trainer.strategy=fsdp2``, or in YAML with arguments::
 
     trainer:
-      strategy: {class_path: unigendet.strategy.FSDP2Strategy, init_args: {save_distributed_checkpoint: true}}
+      strategy: {class_path: unigendet.distributed.strategy.FSDP2Strategy, init_args: {save_distributed_checkpoint:
+      true}}
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from typing import Any
 
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from unigendet.atomic import fsync_dir
-from unigendet.ckpt_io import AtomicCheckpointIO, refuse_unsafe_load
+from unigendet.checkpoint.atomic import fsync_dir
+from unigendet.checkpoint.lightning_io import AtomicCheckpointIO, refuse_unsafe_load
 
 
 class FSDP2Strategy(ModelParallelStrategy):

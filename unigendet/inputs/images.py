@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from unigendet.skips import SkipCounter
+from unigendet.inputs.skips import SkipCounter
 
 log = logging.getLogger("unigendet.data")
 
@@ -69,7 +69,7 @@ def _strict_decoding():
     """Truncated data raises and PIL's bomb warning is an error, whatever the process-wide settings are."""
     previous = ImageFile.LOAD_TRUNCATED_IMAGES
     if previous:
-        log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was enabled; unigendet.images decodes strictly anyway")
+        log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was enabled; unigendet.inputs.images decodes strictly anyway")
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with warnings.catch_warnings():

@@ -9,7 +9,7 @@
    reference explanations, a few of them printed next to their references;
 4. generates a grid of images for held-out captions (``demo-run/samples/grid.png``), and 32-px samples for the first
    64 held-out captions from the trained model and from the same network untrained (its initial weights, rebuilt from
-   the seed): their Frechet distance to the held-out real images (``unigendet.demo_metrics.fd_features``) is
+   the seed): their Frechet distance to the held-out real images (``unigendet.demo.metrics.fd_features``) is
    ``fd_after`` and ``fd_before``;
 5. prints, as its LAST stdout line, one JSON summary: heldout_acc, heldout_f1, heldout_auroc, per_family (head
    accuracy per family), heldout_rouge_l, verdict_acc / verdict_agreement (the explanation's first "real"/"fake" against
@@ -37,7 +37,7 @@ def build_corpus(out: Path, seed: int, small: bool = False) -> Path:
     if (corpus / "manifest.json").exists():
         print(f"[demo] corpus already built: {corpus}", file=sys.stderr)
         return corpus
-    from data_modules.demo_corpus import FULL, SMALL, build_demo_corpus
+    from unigendet.demo.corpus import FULL, SMALL, build_demo_corpus
 
     t0 = time.perf_counter()
     build_demo_corpus(corpus, seed=seed, **(SMALL if small else FULL))
@@ -50,7 +50,7 @@ def build_autoencoder(out: Path, corpus: Path, seed: int) -> Path:
     if path.exists():
         print(f"[demo] autoencoder already trained: {path}", file=sys.stderr)
         return path
-    from unigendet.autoencoder import train_from_corpus
+    from unigendet.training.autoencoder import train_from_corpus
 
     report = train_from_corpus(corpus, path, seed=seed)
     print(f"[demo] trained the autoencoder in {report['seconds']:.0f} s (held-out PSNR {report['heldout_psnr']:.1f} "
@@ -93,11 +93,11 @@ def evaluate(ckpt: Path, corpus: Path, out: Path, panel: int, seed: int) -> tupl
     import torch
     from torchmetrics.text import ROUGEScore
 
-    from callbacks.detection_metrics import detection_summary
-    from unigendet.demo_metrics import verdict_scores
-    from unigendet.images import open_image
+    from unigendet.demo.metrics import verdict_scores
+    from unigendet.evaluation.scores import detection_summary
     from unigendet.inference import UniGenDetPipeline
-    from unigendet.skips import SkipCounter
+    from unigendet.inputs.images import open_image
+    from unigendet.inputs.skips import SkipCounter
 
     pipe = UniGenDetPipeline.from_pretrained(ckpt)
     records = json.loads((corpus / "detection" / "test.json").read_text())
@@ -139,12 +139,12 @@ def evaluate(ckpt: Path, corpus: Path, out: Path, panel: int, seed: int) -> tupl
 
 def sample_grid(pipe, corpus: Path, out: Path, n: int, seed: int, px: int, steps: int) -> tuple[Path, float]:
     """Images for the first ``n`` held-out captions, tiled with each caption under its image; returns the grid's
-    path and the samples' mean :func:`~unigendet.demo_metrics.block_ratio` (token-block pattern, ~1 when absent)."""
+    path and the samples' mean :func:`~unigendet.demo.metrics.block_ratio` (token-block pattern, ~1 when absent)."""
     import numpy as np
     from PIL import Image
 
-    from unigendet.demo_metrics import block_ratio
-    from unigendet.plots import caption_grid
+    from unigendet.demo.metrics import block_ratio
+    from unigendet.evaluation.plots import caption_grid
 
     prompts = [json.loads(line)["prompt"] for line in (corpus / "t2i" / "test.jsonl").read_text().splitlines()[:n]]
     images = pipe.generate(prompts, height=px, width=px, steps=steps, seed=seed)
@@ -167,7 +167,7 @@ def untrained_engine(pipe, ckpt: Path):
     ``init_weights``), without touching the global random state."""
     import torch
 
-    from unigendet.checkpoint import safe_torch_load
+    from unigendet.checkpoint.folders import safe_torch_load
     from unigendet.inference import Engine
     from unigendet.model.unigendet import UniGenDet
 
@@ -183,9 +183,9 @@ def untrained_engine(pipe, ckpt: Path):
 def frechet_before_after(pipe, ckpt: Path, corpus: Path, n: int, seed: int, steps: int) -> tuple[float, float]:
     """(fd_before, fd_after): 32-px Frechet distance of the untrained and the trained model's samples for the first
     ``n`` held-out captions against all held-out real images (the t2i test split)."""
-    from data_modules.records import open_t2i_images
-    from unigendet.demo_metrics import FD_PX, fd_features, frechet_distance
-    from unigendet.skips import SkipCounter
+    from unigendet.demo.metrics import FD_PX, fd_features, frechet_distance
+    from unigendet.inputs.records import open_t2i_images
+    from unigendet.inputs.skips import SkipCounter
 
     pairs = open_t2i_images(corpus / "t2i" / "test.jsonl", SkipCounter())
     real_feats = fd_features([img for _, img in pairs])

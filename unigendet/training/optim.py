@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-log = logging.getLogger("unigendet.optim")
+log = logging.getLogger("unigendet.training.optim")
 
 SIDES = ("det", "gen")
 SHARED_OWNERS = ("det", "gen", "frozen")
@@ -160,7 +160,7 @@ def partition(model: nn.Module, shared: str = "det") -> dict[str, list[tuple[str
         sides[owners[0]].append((name, param))
     if orphans:
         raise ValueError(f"trainable parameters in neither the det nor the gen side (freeze them or add them to "
-                         f"unigendet.optim._SIDE_PATTERNS): {orphans}")
+                         f"unigendet.training.optim._SIDE_PATTERNS): {orphans}")
     return sides
 
 

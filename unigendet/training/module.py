@@ -34,15 +34,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from unigendet.ema import EMA
-from unigendet.evaluation import EvalConfig, head_scores
+from unigendet.checkpoint.resume import (
+    gather_per_rank,
+    loader_states,
+    rng_state,
+    set_loader_states,
+    set_rng_state,
+    world,
+)
+from unigendet.distributed.sharding import FSDPConfig, gathered, shard, unsharded
+from unigendet.evaluation.protocol import EvalConfig
+from unigendet.evaluation.scores import loop_metrics
 from unigendet.model.bagel_config import config_from_bagel_dir
 from unigendet.model.config import ModelOverrides, PresetOrFolder, UniGenDetConfig
 from unigendet.model.packing import PackedBatch, SamplePlan, TextSplit, VAESplit, ViTSplit, pack
 from unigendet.model.unigendet import UniGenDet
-from unigendet.optim import OptimConfig, build_optimizer, build_scheduler, partition
-from unigendet.resume import gather_per_rank, loader_states, rng_state, set_loader_states, set_rng_state, world
-from unigendet.sharding import FSDPConfig, gathered, shard, unsharded
+from unigendet.training.ema import EMA
+from unigendet.training.optim import OptimConfig, build_optimizer, build_scheduler, partition
 
 log = logging.getLogger("unigendet.train")
 
@@ -138,11 +146,11 @@ class LitUniGenDet(L.LightningModule):
             val_samples: after each validation, generate this many images (EMA weights, fixed prompts and seeds,
                 so runs and steps are comparable) into ``<root>/samples/step_<k>.png`` and to the logger.
             fsdp: how the network is sharded when the trainer's strategy provides a device mesh
-                (``unigendet.strategy.FSDP2Strategy``); ignored otherwise.
+                (``unigendet.distributed.strategy.FSDP2Strategy``); ignored otherwise.
             rank_seeds: after the (identical) initialisation, rank r's random stream (flow noise, posterior
                 samples) starts from ``seed + r``, so ranks draw independent noise; False: every rank draws the
                 same noise (only for checking a multi-process run against a single process).
-            evaluation: what ``test`` evaluates after the test loop (:class:`unigendet.evaluation.EvalConfig`):
+            evaluation: what ``test`` evaluates after the test loop (:class:`unigendet.evaluation.protocol.EvalConfig`):
                 detection with explanations (Acc / F1 from the head and from the text, ROUGE-L, CSS) and generation
                 (FID / KID / IS, the detector's p(fake)); report files under ``<log dir>/eval``.
         """
@@ -217,12 +225,12 @@ class LitUniGenDet(L.LightningModule):
             model = UniGenDet(self.cfg)
             model.init_weights()
             if self.hparams.init_from:
-                from unigendet.checkpoint import load_weights
+                from unigendet.checkpoint.folders import load_weights
 
                 report = load_weights(model, self.hparams.init_from)
                 log.info("initialised from %s: %s", self.hparams.init_from, report)
             if self.hparams.get("init_ae_from"):
-                from unigendet.autoencoder import load_autoencoder
+                from unigendet.training.autoencoder import load_autoencoder
 
                 report = load_autoencoder(model.vae, self.hparams.init_ae_from)
                 log.info("autoencoder from %s (trained: %s)", self.hparams.init_ae_from, report)
@@ -258,7 +266,7 @@ class LitUniGenDet(L.LightningModule):
             if teacher is not None:
                 shard(teacher, mesh, self.fsdp_cfg)
         if per_shard:
-            from unigendet.checkpoint import load_weights
+            from unigendet.checkpoint.folders import load_weights
 
             device = self.trainer.strategy.root_device
             model.to_empty(device=device)
@@ -573,7 +581,7 @@ class LitUniGenDet(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._leave_ema()
-        metrics = detection_metrics(self._val)
+        metrics = loop_metrics(self._val)
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=False, sync_dist=True)
         if "acc" in metrics:
             self.log("val_acc", metrics["acc"], prog_bar=True)
@@ -583,7 +591,7 @@ class LitUniGenDet(L.LightningModule):
     def save_val_samples(self) -> Path:
         """A grid of images for fixed held-out (else training) captions and seeds, from the EMA weights, each
         caption under its image."""
-        from unigendet.plots import caption_grid
+        from unigendet.evaluation.plots import caption_grid
 
         dm = self.trainer.datamodule
         gen_dm = getattr(dm, "gen_dm", dm)
@@ -606,7 +614,7 @@ class LitUniGenDet(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         """The test loop's head metrics (teacher-forced batches), then the evaluation protocol (EMA weights)."""
-        self.log_dict({f"test/{k}": v for k, v in detection_metrics(self._val).items()}, sync_dist=True)
+        self.log_dict({f"test/{k}": v for k, v in loop_metrics(self._val).items()}, sync_dist=True)
         try:
             if self.eval_cfg.detection or self.eval_cfg.generation:
                 self.log_dict(self.evaluate_protocol(), rank_zero_only=True)  # the same values on every rank
@@ -614,9 +622,9 @@ class LitUniGenDet(L.LightningModule):
             self._leave_ema()
 
     def evaluate_protocol(self) -> dict[str, float]:
-        """:func:`unigendet.evaluation.run_protocol` on the data module's test split; rank 0 writes the report
+        """:func:`unigendet.evaluation.protocol.run_protocol` on the data module's test split; rank 0 writes the report
         (JSON, JSONL rows, Markdown, generated PNGs) and, with a W&B logger, a table of the rows."""
-        from unigendet.evaluation import flat_metrics, report_dir, run_protocol, write_report
+        from unigendet.evaluation.protocol import flat_metrics, report_dir, run_protocol, write_report
         from unigendet.inference import Engine
 
         dm = self.trainer.datamodule
@@ -704,7 +712,7 @@ class LitUniGenDet(L.LightningModule):
     def setup(self, stage: str) -> None:
         from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-        from unigendet.ckpt_io import AtomicCheckpointIO
+        from unigendet.checkpoint.lightning_io import AtomicCheckpointIO
 
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:  # the default: make checkpoint writes atomic
@@ -717,14 +725,4 @@ class LitUniGenDet(L.LightningModule):
         if dm is not None and hasattr(dm, "connect") and getattr(dm, "cfg", None) is None:
             dm.connect(self.cfg, self.hparams.init_from)
 
-
-def detection_metrics(val: dict[str, list]) -> dict[str, float]:
-    """Accuracy, macro-F1 and AUROC of the head (fake = positive), CE and flow loss, from collected tensors."""
-    out: dict[str, float] = {}
-    if val.get("p_fake"):
-        out.update(head_scores(torch.cat(val["p_fake"]), torch.cat(val["label"])))
-        out["loss_ce"] = float(torch.cat(val["ce"]).mean())
-    if val.get("mse"):
-        out["loss_mse"] = float(torch.cat(val["mse"]).mean())
-    return out
 
