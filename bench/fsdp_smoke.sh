@@ -30,9 +30,9 @@ YAML
   local t0=$SECONDS
   $PY -m unigendet fit --config experiments/base.yaml --config experiments/gduf.yaml \
     --config experiments/coevolve.yaml --config "$root/trainer.yaml" \
-    --model.model=demo "--model.model_overrides=$OVR" --model.init_from=null --model.ema_decay=0.9 \
-    --model.schedule.diga_layer=1 --model.schedule.teacher_refresh=3 --model.schedule.fresh_fakes_every=5 \
-    --model.schedule.fresh_fake_px=32 --model.schedule.fresh_fake_steps=2 --model.fsdp.param_dtype=$PRECISION \
+    --model.model_name=demo "--model.model_overrides=$OVR" --model.init_from=null --model.ema_decay=0.9 \
+    --model.stage.diga_layer=1 --model.stage.teacher_refresh=3 --model.stage.fresh_fakes_every=5 \
+    --model.stage.fresh_fake_px=32 --model.stage.fresh_fake_steps=2 --model.fsdp.param_dtype=$PRECISION \
     --trainer.strategy=fsdp2 --trainer.accelerator=$ACCEL --trainer.devices=$DEVICES --trainer.max_steps=$STEPS \
     --trainer.logger=false --trainer.limit_val_batches=0 --trainer.enable_progress_bar=false \
     --trainer.default_root_dir="$root" --data.train="$OUT/corpus/detection/train.json" \

@@ -69,18 +69,18 @@ def arm_args(arm: str, stage: str, steps: int) -> list[str]:
     """CLI arguments of one training stage ("gduf" = the GDUF half of the serial arms)."""
     if stage == "gduf":
         arm = "gduf"
-    diga_stage = ["--model.schedule.diga_layer=2", "--model.schedule.teacher=frozen"]  # demo preset: 4 layers
+    diga_stage = ["--model.stage.diga_layer=2", "--model.stage.teacher=frozen"]  # demo preset: 4 layers
     return {
         "gduf": _configs() + ["--data.with_vae=true"],
         "gduf_no_smsa": _configs("ablations/wo_smsa.yaml"),
         "gduf_diga": _configs("diga.yaml") + diga_stage,
-        "gen_no_diga": _configs("diga.yaml") + diga_stage + ["--model.schedule.diga=false",
+        "gen_no_diga": _configs("diga.yaml") + diga_stage + ["--model.stage.diga=false",
                                                              "--data.gen.teacher=false"],
         # the co-evolution cadences, scaled from a 1000-step run to this budget; fresh fakes at the corpus' size
         "coevolve": _configs("coevolve.yaml") + [
-            f"--model.schedule.teacher_refresh={max(1, steps // 10)}",
-            f"--model.schedule.fresh_fakes_every={max(1, steps // 20)}", "--model.schedule.fresh_fakes=2",
-            "--model.schedule.fresh_fake_px=64", "--model.schedule.fresh_fake_steps=10"],
+            f"--model.stage.teacher_refresh={max(1, steps // 10)}",
+            f"--model.stage.fresh_fakes_every={max(1, steps // 20)}", "--model.stage.fresh_fakes=2",
+            "--model.stage.fresh_fake_px=64", "--model.stage.fresh_fake_steps=10"],
     }[arm]
 
 
@@ -90,7 +90,7 @@ def common_args(corpus: Path, root: Path, steps: int, seed: int) -> list[str]:
     trainer_cfg.write_text(json.dumps({"trainer": {"callbacks": [
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
          "init_args": {"dirpath": str(root / "ckpt"), "save_last": True, "save_top_k": 0, "monitor": None}}]}}))
-    return [f"--config={trainer_cfg}", "--model.model=demo", *OPTIM,
+    return [f"--config={trainer_cfg}", "--model.model_name=demo", *OPTIM,
             f"--model.optim.warmup_steps={max(1, steps // 15)}",  # demo.yaml: 20 of 300
             # the seed must reach the model (init, noise) and the data (order): seed_everything alone reaches neither
             f"--seed_everything={seed}", f"--model.seed={seed}", f"--data.seed={seed}",

@@ -159,7 +159,7 @@ def bench_coevolution(args, cfg: UniGenDetConfig, ac: bool) -> dict:
     import lightning as L
 
     from unigendet.distributed.sharding import FSDPConfig
-    from unigendet.training.module import LitUniGenDet, Schedule
+    from unigendet.training.module import LitUniGenDet, Stage
 
     plans = issue_batches(cfg, args.layout)
     batches = {k: pack(v, cfg) for k, v in plans.items()}
@@ -182,7 +182,7 @@ def bench_coevolution(args, cfg: UniGenDetConfig, ac: bool) -> dict:
             self.times.append(time.perf_counter() - self.t0)
 
     lit = LitUniGenDet(model=args.preset, model_overrides=cfg_overrides(args), attn_backend=args.backend,
-                       schedule=Schedule(diga=True, teacher="frozen"), ema_decay=0.999,
+                       stage=Stage(diga=True, teacher="frozen"), ema_decay=0.999,
                        fsdp=FSDPConfig(activation_checkpointing=ac))
     timer = StepTimer()
     precision = {"float32": "32-true", "bfloat16": "bf16-true"}[args.dtype]

@@ -2,9 +2,9 @@
 
 Features:
 
-* **No second forward**: the module's ``validation_step`` already computes p(fake) for every detection sample and
-  appends it to ``pl_module._val["p_fake"]`` (labels to ``_val["label"]``); this callback reads the newest entry after
-  each batch and pairs it with the batch's sample ids, so every p(fake) is tied to its record.
+* **No second forward**: the module's ``validation_step`` returns p(fake) and the label of every detection sample of
+  the batch (``{"p_fake": (N,), "label": (N,)}``, in the order of ``det_labels``, as ``LitUniGenDet`` does); this
+  callback pairs them with the batch's sample ids, so every p(fake) is tied to its record.
 * **Per category** (FakeClue ``cate``, the demo corpus' generator family): accuracy and sample count, and AUROC where
   the category holds both labels (an all-fake category has only accuracy, i.e. its recall). ``LitUniGenDet`` already
   logs the overall ``val/acc``, ``val/f1`` and ``val/auroc``; :func:`detection_summary` computes those too, with the
@@ -30,6 +30,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from callbacks.wandb_only import find_wandb
 from unigendet.evaluation.scores import detection_summary
+from unigendet.training.data_contract import training_data
 
 log = logging.getLogger("unigendet.callbacks")
 
@@ -60,7 +61,6 @@ class DetectionMetrics(Callback):
         self._ids: list = []
         self._p: list[torch.Tensor] = []
         self._label: list[torch.Tensor] = []
-        self._n_before = 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._wandb = find_wandb(trainer, type(self).__name__)
@@ -72,33 +72,30 @@ class DetectionMetrics(Callback):
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._ids, self._p, self._label = [], [], []
 
-    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int,
-                                  dataloader_idx: int = 0) -> None:
-        if self._collecting(trainer):
-            self._n_before = len(pl_module._val["p_fake"])
-
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         if not self._collecting(trainer):
             return
         if isinstance(batch, dict):  # as LitUniGenDet.validation_step picks it
             batch = batch.get("det") or batch.get("gen")
-        new_p = pl_module._val["p_fake"][self._n_before:]
-        new_label = pl_module._val["label"][self._n_before:]
+        if not isinstance(outputs, dict) or "p_fake" not in outputs or "label" not in outputs:
+            raise RuntimeError(f"DetectionMetrics needs validation_step to return {{'p_fake', 'label'}} (as "
+                               f"LitUniGenDet does); batch {batch_idx} returned {type(outputs).__name__}")
+        p, label = outputs["p_fake"], outputs["label"]
         if not batch.det_labels.numel():
-            if new_p:
+            if len(p):
                 raise RuntimeError(f"validation batch {batch_idx} (loader {dataloader_idx}) has no detection "
-                                   f"samples but the module collected {len(new_p)} p(fake) entries")
+                                   f"samples but the module returned {len(p)} p(fake) values")
             return
-        if len(new_p) != 1 or not torch.equal(new_label[0], batch.det_labels.cpu()):
-            raise RuntimeError(f"validation batch {batch_idx} (loader {dataloader_idx}): expected one new p(fake) "
-                               f"entry with this batch's labels in pl_module._val, found {len(new_p)}")
+        if not torch.equal(label.cpu(), batch.det_labels.cpu()):
+            raise RuntimeError(f"validation batch {batch_idx} (loader {dataloader_idx}): the returned labels are not "
+                               "this batch's")
         ids = detection_sample_ids(batch)
-        if len(ids) != len(new_p[0]):
-            raise RuntimeError(f"{len(ids)} detection sample ids for {len(new_p[0])} p(fake) values")
+        if len(ids) != len(p):
+            raise RuntimeError(f"{len(ids)} detection sample ids for {len(p)} p(fake) values")
         self._ids += ids
-        self._p.append(new_p[0])
-        self._label.append(new_label[0])
+        self._p.append(p.cpu())
+        self._label.append(label.cpu())
 
     def gathered(self, trainer: L.Trainer) -> tuple[list, torch.Tensor, torch.Tensor]:
         """(sample ids, p(fake), labels) of this validation, from every rank."""
@@ -118,10 +115,11 @@ class DetectionMetrics(Callback):
 
     def categories(self, trainer: L.Trainer, ids: list) -> list[str | None] | None:
         """The ``cate`` of each sample id from the datamodule's val records; None when no record has one."""
-        dm = trainer.datamodule
-        if not self.per_category or dm is None or not hasattr(dm, "split_records"):
+        data = training_data(trainer)
+        side = data.detection if data is not None else None
+        if not self.per_category or side is None:
             return None
-        cate = {r.id: getattr(r, "cate", None) for r in dm.split_records("val")}
+        cate = {r.id: getattr(r, "cate", None) for r in side.split_records("val")}
         if all(c is None for c in cate.values()):
             return None
         missing = [i for i in ids if i not in cate]

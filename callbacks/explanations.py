@@ -63,8 +63,9 @@ class ForensicExplanations(PeriodicWandbCallback):
     # ----------------------------------------------------------------------------------------------
     # ----------------------------------------------------------------------------------------------
     def _load_panel(self, dm) -> None:
-        if not hasattr(dm, "with_vae"):  # the detection side: DetectionDataModule / CoEvolutionDataModule itself
+        if getattr(dm, "detection", None) is None:  # the data contract's detection side (training.data_contract)
             raise TypeError(f"ForensicExplanations needs a detection datamodule, got {type(dm).__name__}")
+        dm = dm.detection
         records = dm.split_records("val")
         self._panel = choose_panel(records, self.n_images)
         skips = SkipCounter()

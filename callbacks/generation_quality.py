@@ -2,8 +2,8 @@
 
 Features:
 
-* **A fixed held-out set**: the first ``n_images`` records of the text-to-image side's ``val`` split
-  (``trainer.datamodule.gen_dm`` for the co-evolution datamodule, else the datamodule itself); their real images are
+* **A fixed held-out set**: the first ``n_images`` records of the ``val`` split of the data module's
+  ``text_to_image`` side (``gen_dm`` of the co-evolution data module, else the data module itself); their real images are
   decoded once with the datamodule's public ``record_image`` and cached. Unreadable ones are reported once (count by
   reason) and left out together with their prompts, so real and generated sets stay paired.
 * **Reproducible fakes**: ``pl_module.generate_images(..., use_ema=True)`` at ``px`` x ``px``, ``steps`` ODE steps and
@@ -108,7 +108,9 @@ class GenerationQuality(Callback):
     # ----------------------------------------------------------------------------------------------
     def _load_real(self, trainer: L.Trainer) -> None:
         dm = trainer.datamodule
-        t2i = getattr(dm, "gen_dm", dm)
+        t2i = dm.text_to_image
+        if t2i is None:
+            raise TypeError(f"GenerationQuality needs text-to-image data, got {type(dm).__name__}")
         records = list(t2i.split_records("val"))[: self.n_images]
         skips = SkipCounter()
         images = [t2i.record_image("val", rec, skips) for rec in records]

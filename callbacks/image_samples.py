@@ -13,7 +13,7 @@ Features:
   keeps two instances with different keys apart), so the PNG on disk says what each image was asked to show.
 * **The co-evolution in one view**: p(fake) is the detection head's verdict
   (:meth:`LitUniGenDet.detect_images`) on the very images logged, from the same weights (EMA by default). Without a
-  detection side in the datamodule (no ``with_vae``), p(fake) is skipped with one notice.
+  detection side in the datamodule (``detection`` is None), p(fake) is skipped with one notice.
 * **Size** ``px`` x ``px``; ``px=None``: the model's largest side, at most 512 (``experiments/base.yaml``). A size the
   model cannot generate is an error when the run is built (``check``), not at the first validation.
 * **When**: at the end of every validation (not the sanity check) with ``on_validation``, and/or after every
@@ -53,8 +53,10 @@ def tile(images: list, n_cols: int):
 
 def first_captions(dm, n: int) -> list[str]:
     """The first ``n`` captions of the text-to-image side's ``val`` split (``train`` when it has no ``val``)."""
-    t2i = getattr(dm, "gen_dm", dm)
-    split = "val" if getattr(t2i, "val", None) else "train"
+    t2i = dm.text_to_image
+    if t2i is None:
+        raise TypeError(f"ImageSamples without prompts needs text-to-image data, got {type(dm).__name__}")
+    split = "val" if t2i.val else "train"
     return [rec.prompt for rec in t2i.split_records(split)[:n]]
 
 
@@ -95,7 +97,7 @@ class ImageSamples(PeriodicWandbCallback):
             self.prompts = first_captions(dm, self.n_prompts)
         images = pl_module.generate_images(self.prompts, height=self.px, width=self.px, steps=self.steps,
                                            seed=self.seed, cfg_scale=self.cfg_scale, use_ema=self.use_ema)
-        if not hasattr(dm, "with_vae"):
+        if dm.detection is None:
             if not self._warned_no_detector and trainer.is_global_zero:
                 log.info("ImageSamples: the datamodule has no detection side, p(fake) is not logged")
             self._warned_no_detector = True

@@ -14,10 +14,11 @@ Every rate is a moving average over the last ``window`` steps: sum(work) / sum(t
 ends): data loading is outside it, the optimiser steps inside. The raw measurements of every step are kept in
 ``Throughput.history`` (one :class:`StepRecord` per step for the last ``window`` steps, summed over ranks).
 
-Which packed batches a step processes follows ``LitUniGenDet.training_step``: ``det`` when the detection update
-runs (or in GDUF's joint update), ``gen`` when the generation update runs, ``teacher`` forward-only through the
-first ``diga_layer`` decoder layers when that update has DIGA. A module without ``sched`` trains every batch.
-Extra passes decided inside the step (fresh-fake detection batches) are not counted.
+Which packed batches a step processed, the step says: ``LitUniGenDet.training_step`` returns ``passes``, the batch
+keys it ran forward (``det`` when the detection update ran, or in GDUF's joint update, ``gen`` when the generation
+update ran, ``teacher`` forward-only through the first ``diga_layer`` decoder layers when that update had DIGA). A
+module whose step returns no ``passes`` is taken to train every batch of its input. Extra passes on batches made
+inside the step (fresh fakes) are not counted.
 
 Model FLOPs (the MFU convention: what the network needs, not what the kernels do)
 ---------------------------------------------------------------------------------
@@ -147,23 +148,17 @@ class StepRecord:
     time_s: float  # rank 0's wall time of the step
 
 
-def processed_passes(pl_module: L.LightningModule, batch, step: int) -> list[tuple[PackedBatch, bool, int | None]]:
-    """(packed batch, trained?, decoder layers) of every pass a training step runs, following the module's schedule."""
+def processed_passes(batch, outputs=None) -> list[tuple[PackedBatch, bool, int | None]]:
+    """(packed batch, trained?, decoder layers) of every pass a training step ran: as the step reports them in its
+    outputs (``outputs["passes"]``: ``(batch key, trained?, layers)``, as ``LitUniGenDet.training_step`` returns);
+    without that report, every PackedBatch of the batch, trained except a ``teacher`` one."""
     if isinstance(batch, PackedBatch):
         return [(batch, True, None)]
     if not isinstance(batch, Mapping):
         raise TypeError(f"Throughput expects a PackedBatch or a dict of them, got {type(batch).__name__}")
-    s = getattr(pl_module, "sched", None)
-    if s is None:
-        return [(b, key != "teacher", None) for key, b in batch.items() if isinstance(b, PackedBatch)]
-    do_det = s.joint or (s.train_det and "det" in batch and step % s.det_every == 0)
-    do_gen = s.joint or (s.train_gen and "gen" in batch and step % s.gen_every == 0)
-    passes = [(batch["det"], True, None)] if do_det else []
-    if do_gen:
-        passes.append((batch["gen"], True, None))
-        if s.diga and not s.joint and batch.get("teacher") is not None:
-            passes.append((batch["teacher"], False, s.diga_layer or pl_module.cfg.head.diga_layer))
-    return passes
+    if isinstance(outputs, Mapping) and "passes" in outputs:
+        return [(batch[key], trained, layers) for key, trained, layers in outputs["passes"] if key in batch]
+    return [(b, key != "teacher", None) for key, b in batch.items() if isinstance(b, PackedBatch)]
 
 
 class Throughput(Callback):
@@ -180,7 +175,6 @@ class Throughput(Callback):
         self.counts: ParamCounts | None = None
         self._enabled = False
         self._t0: float | None = None
-        self._work: tuple[int, int, int, int] | None = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._enabled = bool(trainer.loggers)
@@ -197,15 +191,6 @@ class Throughput(Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         if not self._enabled:
             return
-        counters = getattr(pl_module, "counters", None)
-        step = counters["batches"] if counters is not None else self.n_steps
-        passes = processed_passes(pl_module, batch, step)
-        tokens = sum(b.seq_len for b, _, _ in passes)
-        samples = sum(len(b.sample_lens) for b, train, _ in passes if train)
-        flops = 0
-        if self.counts is not None:
-            flops = sum(batch_flops(b, pl_module.cfg, self.counts, train=train, n_layers=n) for b, train, n in passes)
-        self._work = (step, tokens, samples, flops)
         self._sync(trainer)
         self._t0 = time.perf_counter()
 
@@ -215,7 +200,13 @@ class Throughput(Callback):
             return
         self._sync(trainer)
         elapsed = time.perf_counter() - self._t0
-        step, tokens, samples, flops = self._work
+        step = outputs["step"] if isinstance(outputs, Mapping) and "step" in outputs else self.n_steps
+        passes = processed_passes(batch, outputs)
+        tokens = sum(b.seq_len for b, _, _ in passes)
+        samples = sum(len(b.sample_lens) for b, train, _ in passes if train)
+        flops = 0
+        if self.counts is not None:
+            flops = sum(batch_flops(b, pl_module.cfg, self.counts, train=train, n_layers=n) for b, train, n in passes)
         if trainer.world_size > 1:  # every rank reaches this hook: the collective is safe
             local = torch.tensor([tokens, samples, flops], dtype=torch.float64, device=trainer.strategy.root_device)
             tokens, samples, flops = (int(v) for v in trainer.strategy.reduce(local, reduce_op="sum").tolist())

@@ -124,6 +124,10 @@ class CoEvolutionDataModule(DetectionDataModule):
                 settings[name] = getattr(self, name)
         self.gen_dm = T2IDataModule(**settings, seed=self.seed + 1, replicate_across_ranks=self.replicate_across_ranks)
 
+    @property
+    def text_to_image(self) -> T2IDataModule:
+        return self.gen_dm
+
     def connect(self, cfg: UniGenDetConfig, tokenizer: str | None = None):
         super().connect(cfg, tokenizer)
         self.gen_dm.connect(cfg, str(self.tok.path))

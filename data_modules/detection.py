@@ -27,6 +27,14 @@ class DetectionDataModule(StreamDataModule):
     prompt: str | None = None
     """Replace every record's question with this prompt."""
 
+    @property
+    def detection(self) -> DetectionDataModule:
+        return self
+
+    @property
+    def text_to_image(self):
+        return None
+
     def records(self, split: str):
         path = self._path(split)
         recs = list(read_detection(path, self.read_skips, image_root=self._root(path), categories=self.categories,

@@ -33,6 +33,14 @@ class T2IDataModule(T2IFields, StreamDataModule):
     """``train`` / ``val`` / ``test``: metadata JSON/JSONL of {"image_path", "prompt"}, a Parquet file, or a folder
     of Parquet shards."""
 
+    @property
+    def detection(self):
+        return None
+
+    @property
+    def text_to_image(self) -> T2IDataModule:
+        return self
+
     def records(self, split: str):
         path = self._path(split)
         recs = list(read_t2i(path, self.read_skips, image_column=self.image_column,

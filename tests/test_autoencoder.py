@@ -105,11 +105,11 @@ def test_train_ae_command_and_init_ae_from(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 20 and summary["images"] > 0 and summary["heldout_psnr"] > 0 and out.is_file()
-    lit = LitUniGenDet(model="demo", init_ae_from=str(out))
+    lit = LitUniGenDet(model_name="demo", init_ae_from=str(out))
     lit.configure_model()
     expected = build_autoencoder(CFG)
     load_autoencoder(expected, out)
     for (name, p), q in zip(lit.model.vae.state_dict().items(), expected.state_dict().values(), strict=True):
         assert torch.equal(p, q), name
     with pytest.raises(ValueError, match="no autoencoder file"):
-        LitUniGenDet(model="demo", init_ae_from=str(tmp_path / "nothing.safetensors"))
+        LitUniGenDet(model_name="demo", init_ae_from=str(tmp_path / "nothing.safetensors"))

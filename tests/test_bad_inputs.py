@@ -133,7 +133,7 @@ def test_skips_of_a_worker_without_a_good_record_are_counted(corpus, tmp_path):
 
     from unigendet.training.module import LitUniGenDet
 
-    lit = LitUniGenDet(model="tiny", ema_decay=None)
+    lit = LitUniGenDet(model_name="tiny", ema_decay=None)
     tr = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                    enable_model_summary=False, default_root_dir=tmp_path)
     [metrics] = tr.validate(lit, datamodule=dm, verbose=False)

@@ -68,7 +68,7 @@ def test_typed_overrides_build_the_network_they_describe():
 
     over = ModelOverrides.from_dict({"mot": {"n_layers": 3}, "vit": {"mean": [0.1, 0.2, 0.3]}})
     assert over.to_dict() == {"mot": {"n_layers": 3}, "vit": {"mean": [0.1, 0.2, 0.3]}}
-    lit = LitUniGenDet(model="tiny", model_overrides=over)
+    lit = LitUniGenDet(model_name="tiny", model_overrides=over)
     assert lit.cfg.mot.n_layers == 3 and lit.cfg.vit.mean == (0.1, 0.2, 0.3) and lit.cfg.mot.dim == 64
     assert lit.hparams.model_overrides == {"mot": {"n_layers": 3}, "vit": {"mean": [0.1, 0.2, 0.3]}}
     with pytest.raises(ValueError, match="unknown mot override keys"):
@@ -86,7 +86,7 @@ def test_a_model_folder_alone_gives_the_architecture_and_the_tokenizer(tmp_path)
     train_bpe(["a photo of a cat"] * 4, tok / "tokenizer.json", vocab_size=2048)
     folder = model_folder(tmp_path / "model", tok / "tokenizer.json", seed=0)
     lit = LitUniGenDet(init_from=str(folder))
-    assert lit.cfg.mot.n_layers == 8 and lit.hparams.model is None
+    assert lit.cfg.mot.n_layers == 8 and lit.hparams.model_name is None
     with pytest.raises(ValueError, match="model.init_from"):
         LitUniGenDet()
 
@@ -97,8 +97,8 @@ def test_a_model_folder_alone_gives_the_architecture_and_the_tokenizer(tmp_path)
 
 
 @pytest.mark.parametrize("flag, message", [
-    ("--model.model=dmeo", "model.model: unknown preset 'dmeo' (and no such model folder); presets: bagel-7b-mot, "
-                           "debug, demo, tiny"),
+    ("--model.model_name=dmeo", "model.model_name: unknown preset 'dmeo' (and no such model folder); presets: "
+                                "bagel-7b-mot, debug, demo, tiny"),
     ('--model.model_overrides={"mot": {"n_layer": 3}}', "model.model_overrides.mot: Option 'n_layer' is not accepted"),
     ("--model.loss.cee=1", "model.loss: Option 'cee' is not accepted"),
     ("--data.gen.token_budget=abc", "data.gen.token_budget: Expected a <class 'int'>"),
@@ -112,7 +112,7 @@ def test_config_errors_are_one_line_naming_unigendet(capsys, flag, message):
 
 
 def test_errors_raised_while_building_are_one_line_too():
-    proc = subprocess.run(["unigendet", "fit", *stack("demo.yaml"), "--model.schedule.teacher=bad",
+    proc = subprocess.run(["unigendet", "fit", *stack("demo.yaml"), "--model.stage.teacher=bad",
                            "--trainer.logger=false"], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
     assert proc.returncode == 2
@@ -282,11 +282,11 @@ def test_noise_filters_match_what_the_libraries_print():
 
 def test_the_module_entry_point_runs_the_same_quiet_program():
     proc = subprocess.run([sys.executable, "-m", "unigendet", "fit", "--config", str(EXPERIMENTS / "demo.yaml"),
-                           "--model.model=dmeo"], capture_output=True, text=True, timeout=120,
+                           "--model.model_name=dmeo"], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONWARNINGS": "default"})
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "unigendet fit: error: model.model: unknown preset 'dmeo' (and no such model folder); presets: "
+        "unigendet fit: error: model.model_name: unknown preset 'dmeo' (and no such model folder); presets: "
         "bagel-7b-mot, debug, demo, tiny"], proc.stderr
 
 
@@ -356,12 +356,12 @@ def test_image_samples_px_none_is_the_models_largest_side_up_to_512():
     from callbacks import ImageSamples
     from unigendet.training.module import LitUniGenDet
 
-    demo = LitUniGenDet(model="demo")  # 8 px per latent token, 8 of them: 64 px
+    demo = LitUniGenDet(model_name="demo")  # 8 px per latent token, 8 of them: 64 px
     cb = ImageSamples(px=None)
     cb.check(demo)
     assert cb.px == 64
     cb = ImageSamples(px=None)
-    cb.check(LitUniGenDet(model="demo", model_overrides={"flow": {"max_latent_size": 128}}))
+    cb.check(LitUniGenDet(model_name="demo", model_overrides={"flow": {"max_latent_size": 128}}))
     assert cb.px == 512
     with pytest.raises(ValueError, match="ImageSamples px=72: 72x72 px exceeds"):
         ImageSamples(px=72).check(demo)

@@ -483,7 +483,7 @@ def test_documented_command_runs_as_written(cmd: Command, ws: Path, monkeypatch,
 def test_python_entry_point_is_the_same_program(ws):
     """``python -m unigendet`` and ``unigendet`` are one program, errors name it ``unigendet``."""
     for prefix in ("unigendet", f"{shlex.quote(sys.executable)} -m unigendet"):
-        proc = shell(f"{prefix} fit --config experiments/demo.yaml --model.model=dmeo", ws)
+        proc = shell(f"{prefix} fit --config experiments/demo.yaml --model.model_name=dmeo", ws)
         assert proc.returncode == 2
-        assert proc.stderr.strip().splitlines()[-1].startswith("unigendet fit: error: model.model: unknown preset "
+        assert proc.stderr.strip().splitlines()[-1].startswith("unigendet fit: error: model.model_name: unknown preset "
                                                                "'dmeo'"), proc.stderr

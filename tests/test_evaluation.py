@@ -15,7 +15,8 @@ import pytest
 
 from tests.inception_file import inception_weights  # noqa: F401  (a fixture)
 from tests.test_resume import REPO, SMALL, corpus, fit_command, run  # noqa: F401  (corpus is a fixture)
-from unigendet.evaluation.protocol import EvalConfig, flat_metrics, markdown
+from unigendet.evaluation.protocol import EvalConfig
+from unigendet.evaluation.report import flat_metrics, markdown
 from unigendet.evaluation.scores import summarize_detection
 from unigendet.evaluation.text_metrics import css, parse_label, rouge_l
 
@@ -292,6 +293,14 @@ class Side:
             self.gen_dm, self.with_vae = gen_dm, True
             self.vit_tf = self.vae_tf = lambda: None
 
+    @property
+    def detection(self):  # the data contract (unigendet.training.data_contract): this side when it detects
+        return self if hasattr(self, "with_vae") else None
+
+    @property
+    def text_to_image(self):
+        return getattr(self, "gen_dm", None)
+
     def split_records(self, split: str) -> list:
         assert split == "test"
         return self.records
@@ -389,7 +398,8 @@ def test_protocol_holds_one_batch_of_images_not_all_of_them(stand_in_inception, 
     batch is read, judged / generated, saved and turned into features, and dropped before the next one."""
     from PIL import Image
 
-    from unigendet.evaluation.protocol import run_protocol, write_report
+    from unigendet.evaluation.protocol import run_protocol
+    from unigendet.evaluation.report import write_report
 
     live = Live()
     dm, engine = stand_in(live)
@@ -426,7 +436,8 @@ def test_protocol_holds_one_batch_of_images_not_all_of_them(stand_in_inception, 
 
 
 def test_without_an_output_folder_the_pngs_wait_in_a_temporary_one(stand_in_inception, tmp_path):
-    from unigendet.evaluation.protocol import run_protocol, write_report
+    from unigendet.evaluation.protocol import run_protocol
+    from unigendet.evaluation.report import write_report
 
     live = Live()
     dm, engine = stand_in(live, n=4)
@@ -495,7 +506,7 @@ def test_two_ranks_gather_features_not_images_and_agree_with_one(stand_in_incept
 def test_a_figure_that_cannot_be_drawn_is_explained_in_the_report(tmp_path):
     from dataclasses import asdict
 
-    from unigendet.evaluation.protocol import write_report
+    from unigendet.evaluation.report import write_report
 
     rows = [{"index": i, "id": str(i), "cate": None, "label": "fake", "p_fake": p,
              "head": "fake" if p >= 0.5 else "real"} for i, p in enumerate([0.9, 0.3, 0.7])]
@@ -512,7 +523,7 @@ def test_a_figure_that_cannot_be_drawn_is_explained_in_the_report(tmp_path):
 
 
 def test_generated_pngs_go_where_the_report_will_be(tmp_path):
-    """out_dir, else cfg.out_dir, else the folder LitUniGenDet.evaluate_protocol reports to (report_dir: the run's
+    """out_dir, else cfg.out_dir, else the folder evaluate_module reports to (report_dir: the run's
     folder of the datamodule's trainer, <save_dir>/<name>/<version> of its logger, else
     <default_root_dir>/lightning_logs/<time>, + /eval), else a temporary folder; nothing without save_images."""
     from types import SimpleNamespace

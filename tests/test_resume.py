@@ -52,10 +52,10 @@ def fit_command(corpus: Path, root: Path, *extra: str, devices: int = 1, workers
     return [sys.executable, "-m", "unigendet", "fit",
             *[f"--config={EXPERIMENTS / c}" for c in ("base.yaml", "gduf.yaml", "coevolve.yaml")],
             f"--config={trainer_cfg}",
-            "--model.model=demo", f"--model.model_overrides={SMALL}", "--model.init_from=null",
-            "--model.ema_decay=0.9", "--model.schedule.diga_layer=1", "--model.schedule.teacher_refresh=3",
-            "--model.schedule.fresh_fakes_every=2", "--model.schedule.fresh_fakes=2",
-            "--model.schedule.fresh_fake_px=32", "--model.schedule.fresh_fake_steps=2",
+            "--model.model_name=demo", f"--model.model_overrides={SMALL}", "--model.init_from=null",
+            "--model.ema_decay=0.9", "--model.stage.diga_layer=1", "--model.stage.teacher_refresh=3",
+            "--model.stage.fresh_fakes_every=2", "--model.stage.fresh_fakes=2",
+            "--model.stage.fresh_fake_px=32", "--model.stage.fresh_fake_steps=2",
             f"--trainer.max_steps={STEPS}", "--trainer.accelerator=cpu", f"--trainer.devices={devices}",
             "--trainer.logger=false",
             "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
@@ -166,7 +166,7 @@ def test_the_lightning_module_installs_the_atomic_io(tmp_path):
     from unigendet.training.module import LitUniGenDet
 
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, default_root_dir=tmp_path)
-    lit = LitUniGenDet(model="tiny")
+    lit = LitUniGenDet(model_name="tiny")
     trainer.strategy.connect(lit)
     lit.trainer = trainer
     lit.setup("fit")

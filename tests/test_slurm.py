@@ -273,7 +273,7 @@ def fit_args(corpus: Path, root: Path) -> list[str]:
     small = {"mot": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "mlp_dim": 128},
              "vit": {"dim": 32, "n_layers": 1, "n_heads": 2, "mlp_dim": 64}, "head": {"diga_layer": 1}}
     return [*(f"--config={EXPERIMENTS / c}" for c in STACK),
-            "--model.model=demo", f"--model.model_overrides={json.dumps(small)}", "--model.init_from=null",
+            "--model.model_name=demo", f"--model.model_overrides={json.dumps(small)}", "--model.init_from=null",
             f"--trainer.max_steps={MAX_STEPS}", "--trainer.accelerator=cpu", "--trainer.logger=false",
             "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
             f"--trainer.default_root_dir={root}", '--trainer.callbacks+={"class_path": "callbacks.StepLog"}',
@@ -283,10 +283,10 @@ def fit_args(corpus: Path, root: Path) -> list[str]:
             f"--data.tokenizer={corpus / 'tokenizer.json'}", "--data.image_root=null", "--data.num_workers=0",
             "--data.token_budget=900", "--data.packs_per_epoch=4", f"--data.gen.train={corpus / 't2i/train.jsonl'}",
             "--data.gen.token_budget=400", "--data.gen.image_column=image", "--data.gen.caption_column=caption",
-            "--model.schedule.diga_layer=1",
+            "--model.stage.diga_layer=1",
             # fresh fakes and a teacher refresh on both sides of the preemption
-            "--model.schedule.fresh_fake_px=32", "--model.schedule.fresh_fake_steps=2",
-            "--model.schedule.fresh_fakes_every=3", "--model.schedule.teacher_refresh=4"]
+            "--model.stage.fresh_fake_px=32", "--model.stage.fresh_fake_steps=2",
+            "--model.stage.fresh_fakes_every=3", "--model.stage.teacher_refresh=4"]
 
 
 def job_env() -> dict[str, str]:

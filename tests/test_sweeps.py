@@ -117,7 +117,7 @@ def test_agent_command_trains_a_step_and_records_the_swept_values(path, corpus, 
     # test-sized model and data, after the sweep's flags; none of them touches a swept value
     overrides = model_overrides(params)
     det, logs = corpus / "detection", tmp_path / "logs"
-    extra = ["--model.model=demo", f"--model.model_overrides={overrides}", "--model.init_ae_from=null",
+    extra = ["--model.model_name=demo", f"--model.model_overrides={overrides}", "--model.init_ae_from=null",
              "--trainer.logger=lightning.pytorch.loggers.WandbLogger",
              f"--trainer.logger.init_args.save_dir={logs}", "--trainer.logger.init_args.offline=true",
              "--trainer.max_steps=1", "--trainer.accelerator=cpu", "--trainer.devices=1",
@@ -150,11 +150,11 @@ def test_agent_command_trains_a_step_and_records_the_swept_values(path, corpus, 
     assert config["model"]["model_overrides"]["mot"]["n_layers"] == overrides["mot"]["n_layers"]
     steps = [row for row in history if any(k.startswith("train/loss_") for k in row)]
     assert [row["trainer/global_step"] for row in steps] == [0], steps
-    if "model.schedule.diga_layer" in params:  # the DIGA loss ran at the swept layer
+    if "model.stage.diga_layer" in params:  # the DIGA loss ran at the swept layer
         assert "train/loss_diga" in steps[0], steps
 
 
 def model_overrides(params: dict) -> dict:
     """tests.test_resume.SMALL, with enough decoder layers for a swept DIGA layer."""
-    layers = max(SMALL["mot"]["n_layers"], params.get("model.schedule.diga_layer") or 0)
+    layers = max(SMALL["mot"]["n_layers"], params.get("model.stage.diga_layer") or 0)
     return {**SMALL, "mot": {**SMALL["mot"], "n_layers": layers}}

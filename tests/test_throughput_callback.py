@@ -66,15 +66,27 @@ def test_flops_of_a_text_batch_by_hand(built):
     assert batch_flops(batch, cfg, counts, train=False, n_layers=1) == 2 * 9 * counts.expert + 4 * m.dim * pairs
 
 
-def test_passes_follow_the_schedule(corpus):  # noqa: F811
-    lit, _ = make(corpus, schedule={"diga": True, "gen_every": 2, "diga_layer": 1})
+def test_passes_follow_the_stage(corpus, tmp_path):  # noqa: F811
+    """The training step reports the passes it ran; Throughput counts those."""
+    lit, dm = make(corpus, teacher=True, stage={"diga": True, "gen_every": 2, "diga_layer": 1})
+    reported = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            reported.append((outputs["step"], outputs["passes"], processed_passes(batch, outputs), batch))
+
+    trainer(tmp_path, 2, callbacks=[Record()]).fit(lit, datamodule=dm)
+    (s0, p0, counted0, b0), (s1, p1, counted1, b1) = reported
+    # step 0: both updates, the teacher forward-only through diga_layer; step 1: detection only
+    assert (s0, p0) == (0, [("det", True, None), ("gen", True, None), ("teacher", False, 1)])
+    assert (s1, p1) == (1, [("det", True, None)])
+    assert counted0 == [(b0["det"], True, None), (b0["gen"], True, None), (b0["teacher"], False, 1)]
+    assert counted1 == [(b1["det"], True, None)]
     cfg = lit.cfg
     det, gen, teacher = (pack([SamplePlan([TextSplit(list(range(n)), loss=True)])], cfg) for n in (3, 4, 5))
-    batch = {"det": det, "gen": gen, "teacher": teacher}
-    # step 0: both updates, the teacher forward-only through diga_layer; step 1: detection only
-    assert processed_passes(lit, batch, 0) == [(det, True, None), (gen, True, None), (teacher, False, 1)]
-    assert processed_passes(lit, batch, 1) == [(det, True, None)]
-    assert processed_passes(lit, det, 1) == [(det, True, None)]  # a single PackedBatch is trained
+    assert processed_passes(det) == [(det, True, None)]  # a single PackedBatch is trained
+    # a step that reports nothing: every batch, the teacher forward-only
+    assert processed_passes({"det": det, "teacher": teacher}) == [(det, True, None), (teacher, False, None)]
 
 
 def test_trainer_run_logs_measured_rates(corpus, tmp_path):  # noqa: F811

@@ -23,6 +23,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from unigendet.constants import DETECTION_PROMPT, DTYPE_NAMES
+
 
 def _param_counts(model) -> dict[str, int]:
     counts: Counter[str] = Counter()
@@ -66,8 +68,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
+DTYPES = DTYPE_NAMES
 
 
 def resolve_device(device: str | None, dtype: str | None) -> tuple[str, str]:
@@ -320,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(det)
     det.add_argument("--no-explain", action="store_true", help="head only: p(fake), no written explanation")
     det.add_argument("--no-vae", action="store_true", help="omit the clean VAE split (as the authors' demo does)")
-    det.add_argument("--prompt", default="Does the image looks real/fake?")
+    det.add_argument("--prompt", default=DETECTION_PROMPT)
     det.add_argument("--max-new-tokens", type=int, default=256)
     det.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     det.add_argument("--seed", type=int, default=0)

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from unigendet.constants import DETECTION_PROMPT
 from unigendet.inputs.tokenizer import Tokenizer
 from unigendet.inputs.transforms import vae_transform, vit_transform
 from unigendet.model import flow
@@ -31,7 +32,7 @@ from unigendet.model.mot import KVCache
 from unigendet.model.packing import SamplePlan, TextSplit, VAESplit, ViTSplit, pack
 from unigendet.model.unigendet import UniGenDet, unpatchify_latent
 
-DEFAULT_PROMPT = "Does the image looks real/fake?"  # FakeClue's question
+DEFAULT_PROMPT = DETECTION_PROMPT
 
 #####################################################################################################
 # Results

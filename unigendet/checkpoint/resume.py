@@ -8,39 +8,27 @@ whether a resumed run repeats an uninterrupted one step for step:
 * the data-stream positions, which Lightning keeps in ``loops.fit_loop.state_dict.combined_loader`` - rank 0's.
 
 Features:
-* :func:`gather_per_rank` collects one picklable object from every rank (all ranks call it, as they all call
-  ``on_save_checkpoint``), so rank 0 can write all of them;
+* :func:`run_state` / :func:`restore_run_state`: what ``LitUniGenDet`` adds to a checkpoint (config, counters,
+  tokenizer, and every rank's RNG states and data positions, gathered with
+  :func:`unigendet.distributed.ranks.gather_per_rank` so that rank 0 writes all of them) and takes back;
 * :func:`rng_state` / :func:`set_rng_state`;
 * :func:`loader_states` / :func:`set_loader_states`: the fit loop's loader states inside a checkpoint dict.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import random
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from unigendet.distributed.ranks import gather_per_rank, world
+
+log = logging.getLogger("unigendet.train")
 _LOADER_PATH = ("loops", "fit_loop", "state_dict")
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of the default process group, (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def gather_per_rank(obj: Any) -> list[Any]:
-    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (a collective: every rank must call it)."""
-    _, size = world()
-    if size == 1:
-        return [obj]
-    out: list[Any] = [None] * size
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def rng_state() -> dict[str, Any]:
@@ -81,3 +69,48 @@ def set_loader_states(checkpoint: dict[str, Any], states: list[Any] | None) -> N
     loop = _loop_state(checkpoint)
     if loop is not None and states is not None:
         loop["combined_loader"] = states
+
+
+def run_state(checkpoint: dict[str, Any], config: dict, counters: dict, data) -> dict[str, Any]:
+    """The ``checkpoint["unigendet"]`` entry (a collective: every rank calls it). ``data``: the run's
+    :class:`~unigendet.training.data_contract.TrainingData`, or None."""
+    progress = data.train_progress() if data is not None else None
+    state = {"config": config, "counters": dict(counters),
+             "ranks": gather_per_rank({"rng": rng_state(), "loaders": loader_states(checkpoint),
+                                       "progress": progress})}
+    if data is not None and data.tok is not None:
+        state["tokenizer_json"] = data.tok.path.read_text()
+    return state
+
+
+def restore_run_state(checkpoint: dict[str, Any], data) -> tuple[dict, dict | None]:
+    """Checks the tokenizer, restores this rank's data positions; returns (counters, this rank's RNG states to set
+    when training resumes, or None). Written by another number of processes, only weights and optimiser states carry
+    over (resharded exactly), with a warning."""
+    state = checkpoint.get("unigendet", {})
+    check_tokenizer(data, state.get("tokenizer_json"))
+    ranks = state.get("ranks") or []
+    rank, size = world()
+    rng = None
+    if len(ranks) == size:
+        set_loader_states(checkpoint, ranks[rank]["loaders"])
+        if data is not None:
+            data.set_train_progress(ranks[rank].get("progress"))
+        rng = ranks[rank]["rng"]  # set when training resumes: loader setup draws from it first
+    elif ranks:
+        log.warning("checkpoint written by %d processes, resumed by %d: weights and optimiser states are "
+                    "resharded exactly; RNG states are not restored and each data stream restarts its record "
+                    "epoch", len(ranks), size)
+    return state.get("counters", {}), rng
+
+
+def check_tokenizer(data, saved: str | None) -> None:
+    """A checkpoint's token ids mean nothing under another tokenizer (the demo corpus trains its own BPE, so two
+    seeds give two vocabularies): refuse to resume or evaluate with a data tokenizer that differs from the one the
+    checkpoint was trained with."""
+    tok = data.tok if data is not None else None
+    if saved is None or tok is None or json.loads(tok.path.read_text()) == json.loads(saved):
+        return
+    raise ValueError(f"the data's tokenizer ({tok.path}) is not the one this checkpoint was trained with, so its "
+                     "token ids would be misread; pass --data.tokenizer=<the tokenizer.json of the training data> "
+                     "(for `make demo`: demo-run/corpus/tokenizer.json)")

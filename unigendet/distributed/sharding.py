@@ -20,7 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from unigendet.constants import DTYPE_NAMES
+
+DTYPES = {name: getattr(torch, attr) for name, attr in DTYPE_NAMES.items()}
 
 
 @dataclass

@@ -38,10 +38,11 @@ import numpy as np
 import torch
 
 from unigendet.checkpoint.atomic import atomic_path
+from unigendet.constants import INCEPTION_WEIGHTS_ENV
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
-ENV_VAR = "UNIGENDET_INCEPTION_WEIGHTS"
+ENV_VAR = INCEPTION_WEIGHTS_ENV
 # a sample of torch-fidelity's FeatureExtractorInceptionV3 state-dict entries, first to last layer, with their shapes
 REQUIRED_KEYS = {
     "Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3),

@@ -20,7 +20,8 @@ Features:
   gathered (never images), rank 0 computes the fidelity metrics from the features sorted by record index (KID subsets
   and IS splits then match a single process) and writes the report, and every rank returns the same results. The
   generated PNGs are written by the rank that made them, into ``<out_dir>/generated`` (a shared file system across
-  nodes), or into a temporary folder that :func:`write_report` empties into it when no output folder is known.
+  nodes), or into a temporary folder that :func:`unigendet.evaluation.report.write_report` empties into it when no
+  output folder is known.
 * **Report**: ``results.json`` (settings, metrics, skips), ``detections.jsonl`` (one row per image: p(fake), both
   labels, explanation, reference, ROUGE-L, CSS), ``report.md`` (the tables a paper would show), its figures
   ``roc.png``, ``confusion_matrix.png`` and ``per_category.png`` (:mod:`unigendet.evaluation.plots`; a figure that
@@ -30,11 +31,9 @@ Features:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -45,14 +44,13 @@ from typing import Any
 
 import torch
 
-from unigendet.checkpoint.resume import gather_per_rank, world
+from unigendet.constants import INCEPTION_WEIGHTS_ENV
+from unigendet.distributed.ranks import gather_per_rank, world
 from unigendet.evaluation.scores import LABELS, summarize_detection
 from unigendet.evaluation.text_metrics import RougeL, css, parse_label
 from unigendet.inputs.skips import SkipCounter
 
 log = logging.getLogger("unigendet.evaluation.protocol")
-
-WEIGHTS_ENV = "UNIGENDET_INCEPTION_WEIGHTS"
 
 
 @dataclass
@@ -150,7 +148,7 @@ def inception_or_reason(cfg: EvalConfig, device: str = "cpu"):
     from unigendet.evaluation.fidelity import InceptionWeightsMissing, inception_extractor
 
     try:
-        return inception_extractor(cfg.inception_weights or os.environ.get(WEIGHTS_ENV), device), None
+        return inception_extractor(cfg.inception_weights or os.environ.get(INCEPTION_WEIGHTS_ENV), device), None
     except InceptionWeightsMissing as e:
         return None, str(e)
 
@@ -162,7 +160,7 @@ def fidelity_or_reason(real: dict | None, fake: dict | None, cfg: EvalConfig) ->
     from unigendet.evaluation.fidelity import InceptionWeightsMissing, count, inception_weights, metrics_from_features
 
     try:
-        inception_weights(cfg.inception_weights or os.environ.get(WEIGHTS_ENV))
+        inception_weights(cfg.inception_weights or os.environ.get(INCEPTION_WEIGHTS_ENV))
     except InceptionWeightsMissing as e:
         log.warning("FID/KID/IS not computed: %s", e)
         return {"not_computed": str(e)}
@@ -228,8 +226,7 @@ def generate_batches(engine, items: Iterable[tuple[int, Any, Any]], cfg: EvalCon
 
 
 def _t2i_side(dm):
-    side = getattr(dm, "gen_dm", dm)
-    return side if hasattr(side, "caption_column") else None
+    return dm.text_to_image
 
 
 def _first(records, limit: int | None):
@@ -271,7 +268,8 @@ def report_dir(cfg: EvalConfig, trainer) -> Path:
 
 def _png_dir(dm, cfg: EvalConfig, out_dir) -> Path | None:
     """Where this rank saves the generated PNGs: ``<out_dir>/generated``; without it, under the folder the report goes
-    to (:func:`report_dir`, of the datamodule's trainer), else a temporary folder :func:`write_report` empties."""
+    to (:func:`report_dir`, of the datamodule's trainer), else a temporary folder
+    :func:`unigendet.evaluation.report.write_report` empties."""
     if not cfg.save_images:
         return None
     trainer = getattr(dm, "trainer", None)
@@ -311,16 +309,17 @@ def run_protocol(engine, dm, cfg: EvalConfig, *, detect_images=None,
     rank, size = world()
     t0 = time.perf_counter()
     rows: list[dict] = []
-    if cfg.detection and hasattr(dm, "with_vae") and getattr(dm, cfg.split, None) is not None:
+    side = dm.detection
+    if cfg.detection and side is not None and getattr(side, cfg.split, None) is not None:
         engine.vit_tf, engine.vae_tf = dm.vit_tf(), dm.vae_tf()  # as the test batches see the images
         records = _first(dm.split_records(cfg.split), cfg.max_images)
         skips = SkipCounter()
         title = "test: detect + explain" if cfg.explain else "test: detect"
-        mine = detect_rows(engine, _images(dm, cfg.split, records, skips, cfg.progress and title), cfg, dm.with_vae)
+        mine = detect_rows(engine, _images(dm, cfg.split, records, skips, cfg.progress and title), cfg, side.with_vae)
         gathered = gather_per_rank((mine, dict(skips.counts)))
         rows = sorted((r for part, _ in gathered for r in part), key=lambda r: r["index"])
         results["detection"] = {**summarize_detection(rows), "records": len(records),
-                                "skipped": _summed(c for _, c in gathered), "with_vae": dm.with_vae}
+                                "skipped": _summed(c for _, c in gathered), "with_vae": side.with_vae}
     elif cfg.detection:
         results["detection"] = {"not_run": f"no detection {cfg.split} split in {type(dm).__name__}"}
     t2i = _t2i_side(dm)
@@ -331,9 +330,9 @@ def run_protocol(engine, dm, cfg: EvalConfig, *, detect_images=None,
         png_dir = _png_dir(dm, cfg, out_dir)
         extractor, missing = inception_or_reason(cfg)
         detect = None
-        if hasattr(dm, "with_vae"):
+        if side is not None:
             detect = detect_images or (lambda images: [d.p_fake for d in engine.detect(images, explain=False,
-                                                                                          with_vae=dm.with_vae)])
+                                                                                          with_vae=side.with_vae)])
         mine = generate_batches(engine, _images(t2i, cfg.split, records, skips, cfg.progress and "test: generate"),
                                 cfg, extractor=extractor,
                                 png_dir=png_dir, detect=detect)
@@ -372,142 +371,3 @@ def run_protocol(engine, dm, cfg: EvalConfig, *, detect_images=None,
 #####################################################################################################
 
 
-def flat_metrics(results: dict[str, Any], prefix: str = "test/") -> dict[str, float]:
-    """The scalar metrics to log: ``test/head_acc``, ``test/text_f1``, ``test/rouge_l``, ``test/fid``, ..."""
-    out: dict[str, float] = {}
-    det = results.get("detection", {})
-    for side in ("head", "text"):
-        for k, v in det.get(side, {}).items():
-            out[f"{prefix}{side}_{k}"] = float(v)
-    for k in ("rouge_l", "css"):
-        if k in det:
-            out[prefix + k] = float(det[k])
-    gen = results.get("generation", {})
-    for k in ("p_fake_mean", "judged_fake"):
-        if k in gen:
-            out[f"{prefix}gen_{k}"] = float(gen[k])
-    for k, v in (gen.get("fidelity") or {}).items():
-        if isinstance(v, (int, float)) and not k.startswith("n_"):
-            out[prefix + k] = float(v)
-    return out
-
-
-def _pct(x: float) -> str:
-    return "n/a" if x != x else f"{100 * x:.1f}"
-
-
-FIGURES = (("roc.png", "ROC curve of the real/fake head (fake = positive)"),
-           ("confusion_matrix.png", "Confusion matrix of the real/fake head"),
-           ("per_category.png", "Head accuracy per category"))
-
-
-def detection_figures(rows: list[dict], det: dict[str, Any], out_dir: str | os.PathLike) -> list[tuple]:
-    """Draw :data:`FIGURES` of the detection rows into ``out_dir``: ``(file, title, None)`` for each one drawn,
-    ``(file, title, why)`` for each one that could not be (its stale file from an earlier report removed)."""
-    from unigendet.evaluation import plots
-
-    draw = {"roc.png": lambda path: plots.roc_curve_png([r["p_fake"] for r in rows], [r["label"] for r in rows], path),
-            "confusion_matrix.png": lambda path: plots.confusion_matrix_png([r["head"] for r in rows],
-                                                                            [r["label"] for r in rows], path),
-            "per_category.png": lambda path: plots.per_category_png(det.get("per_category") or rows, path)}
-    out = []
-    for name, title in FIGURES:
-        path = Path(out_dir) / name
-        try:
-            draw[name](path)
-            out.append((name, title, None))
-        except Exception as e:  # a figure is never worth losing the report over
-            expected = isinstance(e, ValueError)  # the plots' own "cannot be drawn: why"
-            if not expected:
-                log.warning("evaluation figure %s not drawn", name, exc_info=True)
-            path.unlink(missing_ok=True)
-            out.append((name, title, str(e) if expected else f"{type(e).__name__}: {e}"))
-    return out
-
-
-def markdown(results: dict[str, Any], figures: list[tuple] | None = None) -> str:
-    """The report; ``figures``: :func:`detection_figures`' list, linked (or explained) under the detection tables."""
-    s = results["settings"]
-    lines = [f"# Evaluation on the `{s['split']}` split", ""]
-    det = results.get("detection", {})
-    if "not_run" in det:
-        lines += [f"Detection: not run ({det['not_run']}).", ""]
-    elif det and not det.get("n"):
-        lines += [f"Detection: no readable image among {det.get('records', 0)} records "
-                  f"(skipped: {det.get('skipped') or 'none'}).", ""]
-    elif det:
-        lines += ["## Detection", "",
-                  f"{det['n']} images ({det['n_fake']} fake, {det['n_real']} real) of {det['records']} records; "
-                  f"skipped: {det['skipped'] or 'none'}; VAE split (SMSA): {'on' if det['with_vae'] else 'off'}.", "",
-                  "| label from | Acc | F1 | AUROC | ROUGE-L | CSS |", "|---|---|---|---|---|---|",
-                  f"| head | {_pct(det['head']['acc'])} | {_pct(det['head']['f1'])} | {_pct(det['head']['auroc'])} "
-                  "| | |"]
-        if "text" in det:
-            t = det["text"]
-            lines += [f"| explanation | {_pct(t['acc'])} | {_pct(t['f1'])} | | {_pct(det['rouge_l'])} "
-                      f"| {_pct(det['css'])} |", "",
-                      f"Explanations naming no verdict: {t['unparsed']}; explanation agrees with the head on "
-                      f"{_pct(t['agrees_with_head'])}% of images."]
-        if det.get("per_category"):
-            explain = "text" in det
-            lines += ["", "| category | n | head Acc |" + (" text Acc | ROUGE-L | CSS |" if explain else ""),
-                      "|---|---|---|" + ("---|---|---|" if explain else "")]
-            for c, e in det["per_category"].items():
-                row = f"| {c} | {e['n']} | {_pct(e['head_acc'])} |"
-                if explain:
-                    row += f" {_pct(e['text_acc'])} | {_pct(e['rouge_l'])} | {_pct(e['css'])} |"
-                lines.append(row)
-        for name, title, why in figures or []:
-            lines += ["", f"![{title}]({name})" if why is None else f"{title}: not drawn ({why})."]
-        lines.append("")
-    gen = results.get("generation", {})
-    if "not_run" in gen:
-        lines += [f"Generation: not run ({gen['not_run']}).", ""]
-    elif gen:
-        fid = gen["fidelity"]
-        lines += ["## Generation", "",
-                  f"{gen['n']} captions at {gen['px']} px (steps {s['gen_steps'] or 'model default'}, "
-                  f"cfg {s['cfg_scale'] if s['cfg_scale'] is not None else 'model default'}, seeds {s['seed']}+i); "
-                  f"skipped real images: {gen['skipped'] or 'none'}.", ""]
-        if "not_computed" in fid:
-            lines.append(f"FID / KID / IS: not computed ({fid['not_computed']}).")
-        else:
-            lines += ["| FID | KID (x1000) | IS |", "|---|---|---|",
-                      f"| {fid.get('fid', float('nan')):.2f} | {1000 * fid.get('kid_mean', float('nan')):.2f} "
-                      f"± {1000 * fid.get('kid_std', float('nan')):.2f} | {fid.get('is_mean', float('nan')):.2f} "
-                      f"± {fid.get('is_std', float('nan')):.2f} |"]
-        if "p_fake_mean" in gen:
-            lines += ["", f"The detector's mean p(fake) on the generated images: {gen['p_fake_mean']:.3f} "
-                          f"({_pct(gen['judged_fake'])}% judged fake)."]
-        lines.append("")
-    lines.append(f"{results['world_size']} process(es), {results['seconds']:.1f} s.")
-    return "\n".join(lines) + "\n"
-
-
-def _collect_pngs(png_dirs: list[str], folder: Path) -> None:
-    """Move the PNGs that ranks saved elsewhere (a temporary folder) into ``folder``; those already there stay."""
-    for d in map(Path, png_dirs):
-        if not d.is_dir() or d.resolve() == folder.resolve():
-            continue
-        folder.mkdir(parents=True, exist_ok=True)
-        for png in sorted(d.glob("*.png")):
-            shutil.move(str(png), folder / png.name)
-        with contextlib.suppress(OSError):
-            d.rmdir()
-
-
-def write_report(results: dict[str, Any], out_dir: str | os.PathLike) -> Path:
-    """results.json, detections.jsonl, report.md with its figures (roc.png, confusion_matrix.png, per_category.png)
-    and (``save_images``) the generated PNGs, which :func:`run_protocol` saved, under ``out_dir/generated``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    public = {k: v for k, v in results.items() if not k.startswith("_")}
-    (out / "results.json").write_text(json.dumps(public, indent=2, default=str) + "\n")
-    rows = results.get("_rows", [])
-    with open(out / "detections.jsonl", "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    figures = detection_figures(rows, public.get("detection", {}), out) if rows else None
-    (out / "report.md").write_text(markdown(public, figures))
-    _collect_pngs(results.get("_png_dirs", []), out / "generated")
-    return out

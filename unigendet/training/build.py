@@ -1,0 +1,87 @@
+"""Building the networks a training run needs: the student (random, or from a BAGEL / UniGenDet folder), the frozen
+parts, the sides a stage does not train, and the DIGA teacher; sharded with FSDP2 when a device mesh is given.
+
+Sharded and initialised from a folder, the networks are built on the meta device, sharded, and only this rank's shards
+are allocated and filled, one tensor at a time: no rank ever holds the whole network.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+
+from unigendet.distributed.sharding import FSDPConfig, shard
+from unigendet.model.config import UniGenDetConfig
+from unigendet.model.unigendet import UniGenDet
+from unigendet.training.optim import partition
+from unigendet.training.stages import Stage
+
+log = logging.getLogger("unigendet.train")
+
+
+def build_networks(cfg: UniGenDetConfig, stage: Stage, *, seed: int, init_from: str | None,
+                   init_ae_from: str | None, freeze: list[str], attn_backend: str, shared: str, mesh=None,
+                   fsdp: FSDPConfig | None = None, device=None) -> tuple[UniGenDet, UniGenDet | None]:
+    """(student, DIGA teacher or None). ``mesh``: the data-parallel device mesh (FSDP2), ``device`` its device;
+    ``shared``: the optimiser's treatment of the shared embeddings (``"frozen"`` freezes them)."""
+    per_shard = mesh is not None and bool(init_from)
+    torch.manual_seed(seed)
+    if per_shard:
+        with torch.device("meta"):
+            model = UniGenDet(cfg)
+    else:
+        model = UniGenDet(cfg)
+        model.init_weights()
+        _load_whole(model, cfg, init_from, init_ae_from)
+    model.attn_backend = attn_backend
+    for part in freeze:
+        if not hasattr(model, part):
+            raise ValueError(f"cannot freeze unknown part {part!r}")
+        getattr(model, part).requires_grad_(False)
+    if shared == "frozen":
+        model.embed.requires_grad_(False)
+        model.lm_head.requires_grad_(False)
+    sides = partition(model, shared)
+    for side, trained in (("det", stage.train_det), ("gen", stage.train_gen)):
+        if not trained:
+            for _, p in sides[side]:
+                p.requires_grad_(False)
+    teacher = None
+    if stage.diga:
+        if per_shard:
+            with torch.device("meta"):
+                teacher = UniGenDet(cfg)
+            teacher.attn_backend = attn_backend
+        else:
+            teacher = copy.deepcopy(model)
+        teacher.requires_grad_(False).eval()
+    if mesh is not None:  # FSDP2Strategy / ModelParallelStrategy: shard, the teacher alike
+        shard(model, mesh, fsdp or FSDPConfig())
+        if teacher is not None:
+            shard(teacher, mesh, fsdp or FSDPConfig())
+    if per_shard:
+        from unigendet.checkpoint.folders import load_weights
+
+        model.to_empty(device=device)
+        if teacher is not None:
+            teacher.to_empty(device=device)  # the caller copies the student into it
+        torch.manual_seed(seed)
+        report = load_weights(model, init_from, device=str(device))
+        log.info("initialised from %s, shard by shard: %s", init_from, report)
+    return model, teacher
+
+
+def _load_whole(model: UniGenDet, cfg: UniGenDetConfig, init_from: str | None, init_ae_from: str | None) -> None:
+    if init_from:
+        from unigendet.checkpoint.folders import load_weights
+
+        log.info("initialised from %s: %s", init_from, load_weights(model, init_from))
+    if init_ae_from:
+        from unigendet.training.autoencoder import load_autoencoder
+
+        log.info("autoencoder from %s (trained: %s)", init_ae_from, load_autoencoder(model.vae, init_ae_from))
+    elif cfg.vae.kind == "conv" and not init_from:
+        log.warning("the %s autoencoder is random: pass --model.init_ae_from=<file from unigendet train-ae>",
+                    cfg.vae.kind)
