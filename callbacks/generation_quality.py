@@ -3,9 +3,9 @@
 Features:
 
 * **A fixed held-out set**: the first ``n_images`` records of the ``val`` split of the data module's
-  ``text_to_image`` side (``gen_dm`` of the co-evolution data module, else the data module itself); their real images are
-  decoded once with the datamodule's public ``record_image`` and cached. Unreadable ones are reported once (count by
-  reason) and left out together with their prompts, so real and generated sets stay paired.
+  ``text_to_image`` side (``gen_dm`` of the co-evolution data module, else the data module itself); their real
+  images are decoded once with the datamodule's public ``record_image`` and cached. Unreadable ones are reported
+  once (count by reason) and left out together with their prompts, so real and generated sets stay paired.
 * **Reproducible fakes**: ``pl_module.generate_images(..., use_ema=True)`` at ``px`` x ``px``, ``steps`` ODE steps and
   ``cfg_scale``, in chunks of ``batch_size``; the chunk starting at record ``i`` uses seed ``seed + i``, at every
   validation, so the numbers move only with the weights.

@@ -55,7 +55,7 @@ def test_command_line_values_keep_their_types(capsys):
 
 def test_model_overrides_merge_key_by_key(capsys, tmp_path):
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
-    a.write_text("model:\n  model: demo\n  model_overrides:\n    mot: {n_layers: 3, dim: 96}\n")
+    a.write_text("model:\n  model_name: demo\n  model_overrides:\n    mot: {n_layers: 3, dim: 96}\n")
     b.write_text("model:\n  model_overrides:\n    mot: {n_heads: 3}\n    head: {diga_layer: 1}\n")
     over = print_config(capsys, f"--config={a}", f"--config={b}")["model"]["model_overrides"]
     assert (over["mot"]["n_layers"], over["mot"]["dim"], over["mot"]["n_heads"]) == (3, 96, 3)
@@ -185,7 +185,7 @@ def test_the_run_config_is_the_merged_config_in_its_own_folder_and_in_wandb(demo
     [log] = (ws / "demo-run" / "wandb").glob("offline-run-*/run-*.wandb")
     assert log.name == f"run-{run_folder.name}.wandb"
     config, history = read_run(log)
-    assert config["model"]["model"] == "demo" and config["trainer"]["max_steps"] == 2
+    assert config["model"]["model_name"] == "demo" and config["trainer"]["max_steps"] == 2
     assert config["data"]["init_args"]["gen"]["val"] == "demo-run/corpus/t2i/val.jsonl"
     metrics = {r.metric.name: r.metric for r in records(log) if r.WhichOneof("record_type") == "metric"}
     assert metrics["val/acc"].summary.max and metrics["val/auroc"].summary.max
@@ -220,7 +220,7 @@ def test_without_a_logger_the_config_goes_to_a_run_folder_not_the_working_direct
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not (tmp_path / "config.yaml").exists()
     [saved] = (tmp_path / "lightning_logs").glob("*/config.yaml")
-    assert yaml.safe_load(saved.read_text())["model"]["model"] == "demo"
+    assert yaml.safe_load(saved.read_text())["model"]["model_name"] == "demo"
 
 
 def test_the_repository_tracks_no_run_config():

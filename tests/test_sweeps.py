@@ -146,7 +146,7 @@ def test_agent_command_trains_a_step_and_records_the_swept_values(path, corpus, 
         for key in parents:
             node = node[key]
         assert node[leaf] == value, (name, node)
-    assert config["model"]["model"] == "demo"
+    assert config["model"]["model_name"] == "demo"
     assert config["model"]["model_overrides"]["mot"]["n_layers"] == overrides["mot"]["n_layers"]
     steps = [row for row in history if any(k.startswith("train/loss_") for k in row)]
     assert [row["trainer/global_step"] for row in steps] == [0], steps

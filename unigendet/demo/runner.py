@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO_EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+REPO_EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 
 
 def build_corpus(out: Path, seed: int, small: bool = False) -> Path:
