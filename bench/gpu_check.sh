@@ -16,7 +16,7 @@ import json, torch
 from pathlib import Path
 from safetensors.torch import load_file
 from tests.conftest import parity_fixture_dirs
-from unigendet.checkpoint.folders import load_model
+from unigendet.checkpoint.loading import load_model
 from unigendet.model.packing import from_reference_batch
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 torch.backends.cuda.matmul.allow_tf32 = False

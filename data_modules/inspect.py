@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from unigendet.inputs.images import MAX_PIXELS, open_image
+from unigendet.inputs.parquet import load_parquet_image_bytes
 from unigendet.inputs.records import (
     CorpusError,
     DetectionRecord,
     T2IRecord,
-    load_parquet_image_bytes,
     read_detection,
     read_t2i,
     t2i_image_root,

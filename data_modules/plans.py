@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from unigendet.inputs.images import open_image
-from unigendet.inputs.records import DetectionRecord, T2IRecord, load_parquet_image_bytes
+from unigendet.inputs.parquet import load_parquet_image_bytes
+from unigendet.inputs.records import DetectionRecord, T2IRecord
 from unigendet.inputs.skips import SkipCounter
 from unigendet.inputs.tokenizer import Tokenizer
 from unigendet.inputs.transforms import ImageTransform

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from data_modules.base import StreamDataModule
 from data_modules.plans import DEFAULT_TEACHER_PROMPT, T2IPlanner
 from unigendet.inputs.images import open_image
-from unigendet.inputs.records import load_parquet_image_bytes, read_t2i
+from unigendet.inputs.parquet import load_parquet_image_bytes
+from unigendet.inputs.records import read_t2i
 from unigendet.inputs.skips import SkipCounter
 
 

@@ -22,11 +22,11 @@ from unigendet.checkpoint.folders import (
     INDEX,
     CheckpointError,
     bagel_state_dict,
-    load_model,
     save_folder,
     weight_files,
 )
 from unigendet.checkpoint.keymap import AE_PREFIX, UNIGENDET_ONLY_PREFIXES, to_bagel
+from unigendet.checkpoint.loading import load_model
 from unigendet.model.config import UniGenDetConfig
 from unigendet.model.unigendet import UniGenDet
 

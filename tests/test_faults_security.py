@@ -136,7 +136,8 @@ def evil_ckpt(tmp_path):
 def test_checkpoints_with_pickled_code_are_refused_everywhere(evil_ckpt, tmp_path):
     import pickle
 
-    from unigendet.checkpoint.folders import CheckpointError, load_lightning_checkpoint
+    from unigendet.checkpoint.folders import CheckpointError
+    from unigendet.checkpoint.loading import load_lightning_checkpoint
 
     path, marker = evil_ckpt
     io = AtomicCheckpointIO()

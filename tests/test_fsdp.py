@@ -45,7 +45,7 @@ def test_two_sharded_processes_repeat_a_single_process_and_shard_the_checkpoint(
     # consolidation for export/inference: our one-tensor-at-a-time reader equals torch's own converter, EMA first
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    from unigendet.checkpoint.folders import load_lightning_checkpoint
+    from unigendet.checkpoint.loading import load_lightning_checkpoint
 
     model, report, tokenizer = load_lightning_checkpoint(last)
     dcp_to_torch_save(last, tmp_path / "full.pt")
@@ -56,7 +56,7 @@ def test_two_sharded_processes_repeat_a_single_process_and_shard_the_checkpoint(
     assert tokenizer and len(report.loaded) == len(list(model.parameters()))
 
     # and `unigendet export` turns the sharded checkpoint into a BAGEL-format folder with its tokenizer
-    from unigendet.checkpoint.folders import load_model
+    from unigendet.checkpoint.loading import load_model
     from unigendet.cli import main
 
     assert main(["export", "--ckpt", str(last), "--out", str(tmp_path / "export")]) == 0

@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from data_modules.stream import PackedStream, plan_tokens
+from unigendet.inputs import json_stream as json_stream_module
 from unigendet.inputs import records as records_module
 from unigendet.inputs import skips as skips_module
 from unigendet.inputs.records import CorpusError, read_detection, read_t2i, strip_image_tag
@@ -487,7 +488,7 @@ def test_detection_accounts_for_every_element_once(values, lines, ensure_ascii, 
     else:
         text = write_dump(values, ensure_ascii)
     path = write(text)
-    with quiet_skips, mock.patch.object(records_module, "_CHUNK_CHARS", chunk):
+    with quiet_skips, mock.patch.object(json_stream_module, "_CHUNK_CHARS", chunk):
         out, skips = read_all(read_detection, path)
     assert len(out) + skips.total == len(values)
     assert len({r.id for r in out}) == len(out)
@@ -532,7 +533,7 @@ def test_json_list_cut_at_any_byte_yields_a_prefix_and_one_skip(recs, indent, da
     assert json.loads(full) == values
     cut = data.draw(st.integers(0, len(full)), label="cut")
     path = write(full[:cut])
-    with quiet_skips, mock.patch.object(records_module, "_CHUNK_CHARS", chunk):
+    with quiet_skips, mock.patch.object(json_stream_module, "_CHUNK_CHARS", chunk):
         if cut == 0:
             with pytest.raises(CorpusError):
                 read_all(read_detection, path)

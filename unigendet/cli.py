@@ -46,7 +46,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from unigendet.model.unigendet import UniGenDet
 
     if args.bagel_dir and args.load:
-        from unigendet.checkpoint.folders import load_model
+        from unigendet.checkpoint.loading import load_model
 
         model, report = load_model(args.bagel_dir, strict=not args.lenient)
         cfg = model.cfg
@@ -210,13 +210,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    from unigendet.checkpoint.folders import (
-        copy_tokenizer,
-        is_training_checkpoint,
-        load_lightning_checkpoint,
-        load_model,
-        save_folder,
-    )
+    from unigendet.checkpoint.folders import copy_tokenizer, save_folder
+    from unigendet.checkpoint.loading import is_training_checkpoint, load_lightning_checkpoint, load_model
 
     _check_ckpt(args.ckpt)
     training = is_training_checkpoint(args.ckpt)  # a .ckpt file or an FSDP2 checkpoint folder: EMA + tokenizer

@@ -236,13 +236,13 @@ class UniGenDetPipeline(Engine):
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
                         strict: bool = True) -> UniGenDetPipeline:
-        from unigendet.checkpoint.folders import is_training_checkpoint, load_model
+        from unigendet.checkpoint.loading import is_training_checkpoint, load_model
 
         path = Path(path)
         if is_training_checkpoint(path):  # a training checkpoint carries its tokenizer
             import tempfile
 
-            from unigendet.checkpoint.folders import load_lightning_checkpoint
+            from unigendet.checkpoint.loading import load_lightning_checkpoint
 
             model, report, tok_json = load_lightning_checkpoint(path, device=device, dtype=dtype)
             if tok_json is None:

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from unigendet.demo import corpus as dc
-from unigendet.demo import explain as ex
 from unigendet.demo import fakes
+from unigendet.demo import measure as msr
 
 FAMILIES = ("real", *fakes.FAMILIES)
 TINY = {"n_real": 16, "n_fake_per_family": 4}
@@ -176,31 +176,31 @@ def test_explanations_are_written_from_measurements(corpus):
     for rec in recs:
         answer = rec["conversations"][1]["value"]
         if rec["cate"] == "gan_upsample":
-            m = ex.measure(_image(root, rec))
-            region = ex.region_name(divmod(int(np.argmax(m.peak_regions)), 3))
+            m = msr.measure(_image(root, rec))
+            region = msr.region_name(divmod(int(np.argmax(m.peak_regions)), 3))
             assert re.search(rf"The {region} (region|and)", answer), (region, answer)
             n_checked += 1
         elif rec["cate"] == "diffusion_like":
-            m = ex.measure(_image(root, rec))
+            m = msr.measure(_image(root, rec))
             assert f"grain of about {m.noise:.1f} grey levels" in answer
-            assert ("A faint grid repeats every 4 pixels" in answer) == (m.peaks[4] > ex.PEAK_THRESHOLD), answer
+            assert ("A faint grid repeats every 4 pixels" in answer) == (m.peaks[4] > msr.PEAK_THRESHOLD), answer
             n_checked += 1
         elif rec["cate"] == "spectral":
-            m = ex.measure(_image(root, rec))
-            assert ("A faint regular grid lies over it" in answer) == (m.peaks[4] > ex.PEAK_THRESHOLD), answer
+            m = msr.measure(_image(root, rec))
+            assert ("A faint regular grid lies over it" in answer) == (m.peaks[4] > msr.PEAK_THRESHOLD), answer
             n_checked += 1
         elif rec["cate"] == "real":
-            m = ex.measure(_image(root, rec))
+            m = msr.measure(_image(root, rec))
             assert f"slope {m.spectral_slope:.1f}" in answer
             n_checked += 1
     assert n_checked >= 20
 
 
-def _family_measurements(root: Path) -> dict[str, list[ex.Measurements]]:
-    out: dict[str, list[ex.Measurements]] = {f: [] for f in FAMILIES}
+def _family_measurements(root: Path) -> dict[str, list[msr.Measurements]]:
+    out: dict[str, list[msr.Measurements]] = {f: [] for f in FAMILIES}
     for s in dc.SPLITS:
         for r in _records(root, s):
-            out[r["cate"]].append(ex.measure(_image(root, r)))
+            out[r["cate"]].append(msr.measure(_image(root, r)))
     return out
 
 
@@ -239,7 +239,7 @@ def test_spectral_and_diffusion_fakes_carry_a_period_4_grid(measured):
     no such peak."""
     def share(family, direction=None):
         ms = measured[family]
-        return np.mean([m.peaks[4] > ex.PEAK_THRESHOLD and (direction is None or m.peak_dirs[4] == direction)
+        return np.mean([m.peaks[4] > msr.PEAK_THRESHOLD and (direction is None or m.peak_dirs[4] == direction)
                         for m in ms])
 
     assert share("spectral", "axes") >= 0.6, share("spectral")
@@ -247,13 +247,13 @@ def test_spectral_and_diffusion_fakes_carry_a_period_4_grid(measured):
     assert share("real") <= 0.1
 
 
-def _splices(root: Path) -> tuple[list[np.ndarray], list[tuple[fakes.FakeResult, ex.Measurements]]]:
+def _splices(root: Path) -> tuple[list[np.ndarray], list[tuple[fakes.FakeResult, msr.Measurements]]]:
     """12 real train crops, and 11 splices of consecutive pairs with their measurements."""
     reals = [_image(root, r) for r in _records(root, "train") if r["label"] == 1][:12]
     out = []
     for i in range(len(reals) - 1):
         res = fakes.splice(reals[i], reals[i + 1], np.random.default_rng(i), copy_move=False)
-        out.append((res, ex.measure(res.image, mask=res.info["mask"])))
+        out.append((res, msr.measure(res.image, mask=res.info["mask"])))
     return reals, out
 
 
@@ -261,7 +261,7 @@ def test_splice_region_carries_an_interpolation_residue(corpus):
     _, splices = _splices(corpus[0])
     inside = [m.mask_stats["grid_in"] for _, m in splices]
     outside = [m.mask_stats["grid_out"] for _, m in splices]
-    assert np.median(inside) > ex.PEAK_THRESHOLD and np.median(inside) > 10 * np.median(outside), (inside, outside)
+    assert np.median(inside) > msr.PEAK_THRESHOLD and np.median(inside) > 10 * np.median(outside), (inside, outside)
 
 
 def test_splice_leaves_a_seam_and_lighting_mismatch(corpus):
@@ -275,7 +275,7 @@ def test_splice_leaves_a_seam_and_lighting_mismatch(corpus):
     for i in range(len(reals) - 1):
         mask = np.zeros(reals[i].shape[:2], bool)
         mask[10:40, 12:44] = True
-        mc = ex.measure(reals[i], mask=mask)
+        mc = msr.measure(reals[i], mask=mask)
         control.append(abs(mc.mask_stats["luma_in"] - mc.mask_stats["luma_out"]))
     assert np.mean(jumps) > np.mean(control)
 

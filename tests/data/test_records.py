@@ -20,9 +20,10 @@ import pytest
 from PIL import Image, ImageFile
 
 from data_modules.inspect import inspect_data, main_inspect
-from unigendet.inputs import records
+from unigendet.inputs import json_stream
 from unigendet.inputs.images import open_image
-from unigendet.inputs.records import CorpusError, load_parquet_image_bytes, read_detection, read_t2i, t2i_image_root
+from unigendet.inputs.parquet import load_parquet_image_bytes
+from unigendet.inputs.records import CorpusError, read_detection, read_t2i, t2i_image_root
 from unigendet.inputs.skips import SkipCounter
 
 #####################################################################################################
@@ -279,14 +280,14 @@ def test_json_list_is_parsed_incrementally_across_chunk_boundaries(tmp_path, mon
     recs, good, expected = detection_records()
     path = tmp_path / "train.json"
     path.write_text(json.dumps(recs, indent=1))
-    monkeypatch.setattr(records, "_CHUNK_CHARS", 7)  # every element spans many reads
+    monkeypatch.setattr(json_stream, "_CHUNK_CHARS", 7)  # every element spans many reads
     out, skips = _read_det(path)
     assert dict(skips.counts) == expected and [r.id for r in out] == [f"train.json:{i}" for i in good]
 
 
 @pytest.mark.parametrize("cut", ["mid_record", "after_comma", "before_bracket"])
 def test_truncated_json_list_yields_what_parsed_and_one_malformed_skip(tmp_path, monkeypatch, cut):
-    monkeypatch.setattr(records, "_CHUNK_CHARS", 64)
+    monkeypatch.setattr(json_stream, "_CHUNK_CHARS", 64)
     recs = [_det(f"a/{i}.png", i % 2) for i in range(6)]
     text = json.dumps(recs)
     ends = [i for i, c in enumerate(text) if text.startswith('}, {"image"', i)]

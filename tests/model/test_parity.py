@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import parity_fixture_dirs
-from unigendet.checkpoint.folders import load_model
+from unigendet.checkpoint.loading import load_model
 from unigendet.model.packing import from_reference_batch
 from unigendet.model.unigendet import reduce_losses
 

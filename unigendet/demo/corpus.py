@@ -44,6 +44,7 @@ from PIL import Image
 
 from unigendet.demo import explain as ex
 from unigendet.demo import fakes
+from unigendet.demo import measure as ms
 from unigendet.inputs.tokenizer import SPECIAL_TOKENS, train_bpe
 
 SPLITS = ("train", "val", "test")
@@ -193,7 +194,7 @@ class CropSampler:
                 img = img[:, ::-1]
             if src.texture and rng.random() < 0.5:
                 img = img[::-1]
-            if (img.astype(np.float64) @ ex._LUMA).std() / 255.0 >= MIN_CROP_STD:
+            if (img.astype(np.float64) @ ms._LUMA).std() / 255.0 >= MIN_CROP_STD:
                 break
         return fakes.camera_noise(np.ascontiguousarray(img), rng), zoom
 
@@ -226,7 +227,7 @@ def _make_item(family: str, index: int, split: str, seed: int, sampler: CropSamp
     mask, info = None, {}
     if family == "real":
         img, zoom = sampler.crop(cell, rng)
-        m = ex.measure(img)
+        m = ms.measure(img)
         item["caption"] = ex.caption(subject, src.kind, zoom, m, cell.position, rng)
     elif family == "gan_upsample":
         res = fakes.gan_upsample(sampler.crop(cell, rng)[0], rng)
@@ -251,7 +252,7 @@ def _make_item(family: str, index: int, split: str, seed: int, sampler: CropSamp
     if family != "real":
         img, info = res.image, res.info
         mask = info.pop("mask", None)
-        m = ex.measure(img, mask=mask)
+        m = ms.measure(img, mask=mask)
     item["image"] = img
     item["answer"] = ex.explain(family, m, rng, subject=subject, info=info)
     item["prompt"] = "<image>" + ex.PROMPTS[int(rng.integers(len(ex.PROMPTS)))]

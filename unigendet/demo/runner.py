@@ -167,7 +167,7 @@ def untrained_engine(pipe, ckpt: Path):
     ``init_weights``), without touching the global random state."""
     import torch
 
-    from unigendet.checkpoint.folders import safe_torch_load
+    from unigendet.checkpoint.loading import safe_torch_load
     from unigendet.inference import Engine
     from unigendet.model.unigendet import UniGenDet
 

@@ -8,7 +8,7 @@ Features:
 * **Streaming, memory-light.** JSON Lines are read line by line; a JSON list (FakeClue's ``train.json``) is parsed
   element by element with :meth:`json.JSONDecoder.raw_decode` over a sliding buffer, so a 100k-record file never
   sits in memory as one Python list. Parquet captions are read in batches; image bytes are read later, one cell at a
-  time (:func:`load_parquet_image_bytes`).
+  time (:func:`unigendet.inputs.parquet.load_parquet_image_bytes`).
 * **Every bad record is a counted skip, never an exception.** The reason (see ``skips.REASONS``) goes to the
   :class:`~unigendet.inputs.skips.SkipCounter`. The first failing check decides the reason, in this order:
   ``malformed_record`` (unparsable JSON line, non-object element, missing image path), ``bad_label``,
@@ -25,9 +25,6 @@ Features:
 
 from __future__ import annotations
 
-import bisect
-import functools
-import json
 import logging
 import os
 import posixpath
@@ -36,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from unigendet.inputs.json_stream import CorpusError, iter_json_records
+from unigendet.inputs.parquet import is_parquet, iter_parquet_captions
 from unigendet.inputs.skips import SkipCounter
 
 log = logging.getLogger("unigendet.data")
@@ -60,193 +59,15 @@ class T2IRecord:
     row: int | None = None
 
 
-class CorpusError(ValueError):
-    """The corpus as a whole cannot be read (wrong format, empty, missing columns); single bad records never raise."""
-
-
 #####################################################################################################
 # Limits and vocabulary
 #####################################################################################################
 
 MAX_TEXT_CHARS = 16_384  # detection prompt / answer
 MAX_CAPTION_CHARS = 4_096  # T2I caption (LAION captions are a few hundred characters)
-_CHUNK_CHARS = 1 << 20  # JSON list read size
-_MAX_ELEMENT_CHARS = 64 << 20  # one JSON list element larger than this is treated as corrupt
 _HUMAN = ("human", "user")
 _GPT = ("gpt", "assistant")
 _IMAGE_TAG = "<image>"
-_PARQUET_MAGIC = b"PAR1"
-
-
-#####################################################################################################
-# Streaming JSON / JSON Lines
-#####################################################################################################
-
-
-@dataclass(frozen=True)
-class _Malformed:
-    detail: str
-
-
-def _first_bytes(path: Path) -> bytes:
-    """The first non-whitespace bytes of ``path`` (after a UTF-8 BOM), or b"" for an empty file."""
-    with open(path, "rb") as f:
-        head = f.read(4096)
-        if head.startswith(b"\xef\xbb\xbf"):
-            head = head[3:]
-        while head and not head.strip():
-            head = f.read(4096)
-    return head.lstrip()
-
-
-def _check_file(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"corpus file {path} does not exist")
-    return path
-
-
-def _json_kind(path: Path) -> str:
-    """``"list"`` or ``"lines"``; raises :class:`CorpusError` for anything else."""
-    if path.is_dir():
-        raise CorpusError(f"{path} is a folder, expected a JSON / JSON Lines file")
-    head = _first_bytes(path)
-    if not head:
-        raise CorpusError(f"{path} is empty")
-    if head.startswith(_PARQUET_MAGIC):
-        raise CorpusError(f"{path} is a Parquet file, expected JSON / JSON Lines")
-    if head[:1] == b"[":
-        return "list"
-    if head[:1] == b"{":
-        return "lines"
-    raise CorpusError(f"{path} is neither a JSON list nor JSON Lines (starts with {head[:16]!r})")
-
-
-def _iter_json_list(f) -> Iterator[tuple[int, Any]]:
-    """Yield ``(index, element)`` of a top-level JSON list read from text stream ``f``, one element at a time.
-
-    On damage (truncation, a syntax error, an element over ``_MAX_ELEMENT_CHARS``) yields one ``(index, _Malformed)``
-    for the rest of the file and stops: a JSON list cannot be resynchronised reliably after a syntax error.
-    """
-    decoder = json.JSONDecoder()
-    buf, pos, eof, want = "", 0, False, _CHUNK_CHARS
-
-    def fill(n: int) -> None:
-        nonlocal buf, pos, eof
-        chunk = f.read(n)
-        buf = buf[pos:] + chunk  # drop what was consumed
-        pos = 0
-        eof = not chunk
-
-    def skip_ws() -> bool:
-        """Advance past whitespace; False at end of input."""
-        nonlocal pos
-        while True:
-            while pos < len(buf) and buf[pos] in " \t\r\n":
-                pos += 1
-            if pos < len(buf):
-                return True
-            if eof:
-                return False
-            fill(_CHUNK_CHARS)
-
-    fill(_CHUNK_CHARS)
-    if buf.startswith("\ufeff"):
-        pos = 1
-    if not skip_ws() or buf[pos] != "[":
-        yield 0, _Malformed("not a JSON list")
-        return
-    pos += 1
-    if not skip_ws():
-        yield 0, _Malformed("JSON list ends early (truncated file?)")
-        return
-    if buf[pos] == "]":
-        pos += 1
-        if skip_ws():
-            yield 0, _Malformed(f"content after the JSON list's closing ']' ({buf[pos: pos + 16]!r}...) is not read")
-        return
-    index = 0
-    while True:
-        try:
-            value, end = decoder.raw_decode(buf, pos)
-            if end == len(buf) and not eof:  # a number or literal may continue in the next chunk
-                raise json.JSONDecodeError("element touches the end of the buffer", buf, end)
-        except json.JSONDecodeError as e:
-            if not eof and len(buf) - pos < _MAX_ELEMENT_CHARS:
-                fill(want)
-                want = min(2 * want, _MAX_ELEMENT_CHARS)  # long elements: grow geometrically, not quadratically
-                continue
-            yield index, _Malformed(f"JSON list unreadable from element {index} on ({e.msg}); the rest is skipped")
-            return
-        want = _CHUNK_CHARS
-        yield index, value
-        index += 1
-        pos = end
-        if not skip_ws():
-            yield index, _Malformed("JSON list ends early (truncated file?); the rest is skipped")
-            return
-        if buf[pos] == "]":
-            pos += 1
-            if skip_ws():  # something after the list: a second list, JSON Lines pasted after it, ...
-                yield index, _Malformed(f"content after the JSON list's closing ']' ({buf[pos: pos + 16]!r}...) "
-                                        "is not read")
-            return
-        if buf[pos] != ",":
-            yield index, _Malformed(f"expected ',' or ']' after element {index - 1}, got {buf[pos]!r}")
-            return
-        pos += 1
-        if not skip_ws():
-            yield index, _Malformed("JSON list ends early (truncated file?); the rest is skipped")
-            return
-
-
-def _iter_json_lines(f) -> Iterator[tuple[int, Any]]:
-    """Yield ``(index, object | _Malformed)`` per non-blank line of binary stream ``f``."""
-    index = 0
-    for n, raw in enumerate(f):
-        if n == 0 and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]
-        if not raw.strip():
-            continue
-        # undecodable bytes become lone surrogates: JSON structure still parses, the text check reports bad_text
-        line = raw.decode("utf-8", errors="surrogateescape")
-        try:
-            yield index, json.loads(line)
-        except json.JSONDecodeError as e:
-            yield index, _Malformed(f"line {n + 1}: {e.msg}")
-        index += 1
-
-
-def iter_json_records(path: str | os.PathLike, skips: SkipCounter) -> Iterator[tuple[str, dict]]:
-    """Stream ``(record id, object)`` from a JSON list or JSON Lines file; malformed elements are counted skips.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        CorpusError: the file is empty, not JSON / JSON Lines, or no line of a JSON Lines file parses.
-    """
-    path = _check_file(path)
-    kind = _json_kind(path)
-    n_ok = n_bad = 0
-    if kind == "list":
-        f = open(path, encoding="utf-8", errors="surrogateescape", newline="")
-        elements: Iterable[tuple[int, Any]] = _iter_json_list(f)
-    else:
-        f = open(path, "rb")
-        elements = _iter_json_lines(f)
-    with f:
-        for index, value in elements:
-            rid = f"{path.name}:{index}"
-            if isinstance(value, _Malformed):
-                n_bad += 1
-                skips.skip("malformed_record", rid, value.detail)
-            elif not isinstance(value, dict):
-                n_bad += 1
-                skips.skip("malformed_record", rid, f"a JSON {type(value).__name__}, expected an object")
-            else:
-                n_ok += 1
-                yield rid, value
-    if kind == "lines" and n_bad and not n_ok:
-        raise CorpusError(f"{path}: no line is a JSON object; not a JSON Lines file")
 
 
 #####################################################################################################
@@ -382,13 +203,6 @@ def t2i_image_root(path: str | os.PathLike) -> Path:
     return Path(path).parent
 
 
-def _is_parquet(path: Path) -> bool:
-    if path.suffix == ".parquet":
-        return True
-    with open(path, "rb") as f:
-        return f.read(4) == _PARQUET_MAGIC
-
-
 def _caption_reason(caption: Any, max_chars: int) -> tuple[str, str] | None:
     if caption is None or (isinstance(caption, str) and not caption.strip()):
         return "bad_text", "empty caption"
@@ -401,8 +215,9 @@ def read_t2i(path: str | os.PathLike, skips: SkipCounter, *, image_column: str =
 
     Three layouts: a metadata JSON list / JSON Lines file of ``{"image_path": ..., "prompt": ...}`` (paths relative to
     the file's folder, see :func:`t2i_image_root`), one Parquet file, or a folder of Parquet shards (``*.parquet``,
-    sorted by name). Parquet records hold ``shard`` and ``row`` only: the image bytes are read later with
-    :func:`load_parquet_image_bytes`, so reading the corpus touches nothing but the caption column.
+    sorted by name; :mod:`unigendet.inputs.parquet`). Parquet records hold ``shard`` and ``row`` only: the image
+    bytes are read later with :func:`unigendet.inputs.parquet.load_parquet_image_bytes`, so reading the corpus
+    touches nothing but the caption column.
 
     Args:
         path: metadata file, Parquet file or folder of Parquet shards.
@@ -425,10 +240,10 @@ def read_t2i(path: str | os.PathLike, skips: SkipCounter, *, image_column: str =
         shards = sorted(path.glob("*.parquet"))
         if not shards:
             raise CorpusError(f"{path} holds no *.parquet shards")
-        yield from _read_parquet_shards(shards, skips, image_column, caption_column, max_caption_chars,
-                                        lenient=len(shards) > 1)
-    elif _is_parquet(path):
-        yield from _read_parquet_shards([path], skips, image_column, caption_column, max_caption_chars, lenient=False)
+        yield from _parquet_records(shards, skips, image_column, caption_column, max_caption_chars,
+                                    lenient=len(shards) > 1)
+    elif is_parquet(path):
+        yield from _parquet_records([path], skips, image_column, caption_column, max_caption_chars, lenient=False)
     else:
         for rid, rec in iter_json_records(path, skips):
             prompt = rec.get("prompt")
@@ -449,122 +264,8 @@ def open_t2i_images(path: str | os.PathLike, skips: SkipCounter) -> list[tuple[s
     return [(prompt, img) for prompt, img in pairs if img is not None]
 
 
-def _read_parquet_shards(shards: list[Path], skips: SkipCounter, image_column: str, caption_column: str,
-                         max_chars: int, lenient: bool) -> Iterator[T2IRecord]:
-    """Captions of each shard in row order; an unreadable shard of a multi-shard folder is one counted skip."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    n_read = 0
-    for shard in shards:
-        try:
-            pf = pq.ParquetFile(shard)
-        except (pa.ArrowException, OSError) as e:
-            if not lenient:
-                raise CorpusError(f"{shard} is not a readable Parquet file: {e}") from e
-            skips.skip("malformed_record", f"{shard.name}", f"unreadable Parquet shard, all its rows skipped: {e}")
-            continue
-        names = pf.schema_arrow.names
-        missing = [c for c in (caption_column, image_column) if c not in names]
-        if missing:
-            raise CorpusError(f"{shard} has no column(s) {missing}; its columns are {names} "
-                              "(set the image / caption column names)")
-        row = 0
-        for group in range(pf.metadata.num_row_groups):
-            end = row + pf.metadata.row_group(group).num_rows
-            try:
-                for batch in pf.iter_batches(batch_size=4096, row_groups=[group], columns=[caption_column]):
-                    for caption in batch.column(0).to_pylist():
-                        rid = f"{shard.name}:{row}"
-                        if isinstance(caption, bytes):  # a binary caption column
-                            caption = caption.decode("utf-8", errors="surrogateescape")
-                        reason = _caption_reason(caption, max_chars)
-                        if reason:
-                            skips.skip(reason[0], rid, reason[1])
-                        else:
-                            yield T2IRecord(id=rid, prompt=caption, shard=str(shard), row=row)
-                        row += 1
-            except (pa.ArrowException, OSError) as e:  # a damaged caption page: the rest of this row group is lost
-                for lost in range(row, end):
-                    skips.skip("malformed_record", f"{shard.name}:{lost}", f"unreadable caption page: {e}")
-            row = end
-        n_read += 1
-    if not n_read:
-        raise CorpusError(f"none of the {len(shards)} Parquet shards could be read")
-
-
-class _ParquetCellReader:
-    """Random access to single cells of one Parquet file with bounded memory.
-
-    Reads go through the row group that holds the row, in batches of ``batch_rows`` with buffered column-chunk
-    reads, and keep a cursor: consecutive rows (the common access pattern) cost one batch decode per ``batch_rows``
-    rows; a jump backwards or to another row group restarts at the start of that row group. Shards written with small
-    row groups (``row_group_size`` of a few hundred) make random access cheap.
-    """
-
-    def __init__(self, path: str, batch_rows: int = 64):
-        import pyarrow.parquet as pq
-
-        self.pf = pq.ParquetFile(path, buffer_size=1 << 20)
-        meta = self.pf.metadata
-        self.starts = [0]
-        for i in range(meta.num_row_groups):
-            self.starts.append(self.starts[-1] + meta.row_group(i).num_rows)
-        self.batch_rows = batch_rows
-        self._cursor: tuple | None = None  # (column, row group, batches iterator, batch, batch start row)
-        self.warned = False  # a damaged page was logged
-
-    def read(self, row: int, column: str) -> Any:
-        if not 0 <= row < self.starts[-1]:
-            raise IndexError(f"row {row} outside 0..{self.starts[-1] - 1}")
-        group = bisect.bisect_right(self.starts, row) - 1
-        cur = self._cursor
-        if cur is None or cur[0] != column or cur[1] != group or row < cur[4]:
-            batches = self.pf.iter_batches(batch_size=self.batch_rows, row_groups=[group], columns=[column])
-            cur = (column, group, batches, None, self.starts[group])
-        column_, group_, batches, batch, start = cur
-        while batch is None or row >= start + batch.num_rows:
-            if batch is not None:
-                start += batch.num_rows
-            batch = next(batches)
-        self._cursor = (column_, group_, batches, batch, start)
-        return batch.column(0)[row - start].as_py()
-
-
-@functools.lru_cache(maxsize=16)
-def _cell_reader(path: str, pid: int) -> _ParquetCellReader:
-    del pid  # part of the key: a reader opened before a DataLoader fork is not shared with the workers
-    return _ParquetCellReader(path)
-
-
-def load_parquet_image_bytes(shard: str | os.PathLike, row: int, image_column: str = "image") -> bytes | None:
-    """The image bytes of one Parquet cell, or None when the cell is null, holds no bytes or cannot be read.
-
-    The open file is cached per process (16 shards); only the row group holding ``row`` is touched, in small batches.
-    Accepts raw binary cells and ``{"bytes": ..., "path": ...}`` structs (HF ``datasets`` / LAION style).
-
-    A damaged data page is logged and gives None (then counted as ``unreadable_image`` by ``open_image``).
-
-    Raises:
-        IndexError: ``row`` is outside the shard.
-        KeyError: the shard has no column ``image_column``.
-    """
-    import pyarrow as pa
-
-    reader = _cell_reader(str(shard), os.getpid())
-    if image_column not in reader.pf.schema_arrow.names:
-        raise KeyError(f"{shard} has no column {image_column!r}")
-    try:
-        value = reader.read(row, image_column)
-    except (pa.ArrowException, OSError) as e:  # a damaged page: this cell is lost, the stream goes on
-        reader._cursor = None
-        if not reader.warned:
-            reader.warned = True
-            log.warning("cannot read %s row %d column %r (%s); further damaged cells of this shard are not logged",
-                        shard, row, image_column, e)
-        return None
-    if isinstance(value, dict):
-        value = value.get("bytes")
-    if isinstance(value, (bytes, bytearray, memoryview)) and len(value):
-        return bytes(value)
-    return None
+def _parquet_records(shards: list[Path], skips: SkipCounter, image_column: str, caption_column: str, max_chars: int,
+                     lenient: bool) -> Iterator[T2IRecord]:
+    for rid, caption, shard, row in iter_parquet_captions(shards, skips, image_column, caption_column,
+                                                          lambda c: _caption_reason(c, max_chars), lenient):
+        yield T2IRecord(id=rid, prompt=caption, shard=shard, row=row)
