@@ -17,15 +17,14 @@ Features:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import lightning as L
 import torch
 
 from callbacks.wandb_only import PeriodicWandbCallback
-from unigendet.distributed.sharding import unsharded
 from unigendet.inputs.skips import SkipCounter
+from unigendet.training.sampling import sampling_weights
 
 log = logging.getLogger("unigendet.callbacks")
 
@@ -90,20 +89,13 @@ class ForensicExplanations(PeriodicWandbCallback):
         dm = trainer.datamodule
         if self._panel is None:
             self._load_panel(dm)
-        model = pl_module.model
-        was_training = model.training
-        ema = getattr(pl_module, "ema", None)
-        swap = ema.swap(model) if ema is not None else contextlib.nullcontext()
         results = []
-        try:
-            with swap, unsharded(model):
-                engine = Engine(model, dm.tok)  # puts the model in eval mode
-                engine.vit_tf, engine.vae_tf = dm.vit_tf(), dm.vae_tf()  # as the validation batches see them
-                for rec, img in zip(self._panel, self._images, strict=True):  # records may ask different questions
-                    results += engine.detect([img], prompt=rec.prompt, with_vae=dm.with_vae,
-                                             max_new_tokens=self.max_new_tokens)
-        finally:
-            model.train(was_training)
+        with sampling_weights(pl_module.model, getattr(pl_module, "ema", None), use_ema=True) as model:
+            engine = Engine(model, dm.tok)
+            engine.vit_tf, engine.vae_tf = dm.vit_tf(), dm.vae_tf()  # as the validation batches see them
+            for rec, img in zip(self._panel, self._images, strict=True):  # records may ask different questions
+                results += engine.detect([img], prompt=rec.prompt, with_vae=dm.detection.with_vae,
+                                         max_new_tokens=self.max_new_tokens)
         rows = []
         for rec, img, det in zip(self._panel, self._images, results, strict=True):
             rows.append([rec.id, wandb.Image(img, caption=f"{LABELS[rec.label]} / {rec.cate}"), rec.cate,

@@ -1,4 +1,5 @@
-"""Records -> sequence plans (METHOD.md section 4). Runs inside the loader workers: this is where pixels are decoded.
+"""Records -> sequence plans (docs/method.md, "SMSA" and "DIGA"). Runs inside the loader workers: this is where pixels
+are decoded.
 
 * ``DetectionPlanner``: [clean VAE image] [ViT image] [prompt] [answer, CE loss], label 0 = fake / 1 = real.
   ``with_vae=False`` drops the VAE split (the "w/o SMSA" ablation, and the authors' demo at inference).

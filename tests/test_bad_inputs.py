@@ -138,4 +138,4 @@ def test_skips_of_a_worker_without_a_good_record_are_counted(corpus, tmp_path):
                    enable_model_summary=False, default_root_dir=tmp_path)
     [metrics] = tr.validate(lit, datamodule=dm, verbose=False)
     assert 0.0 <= metrics["val/acc"] <= 1.0  # computed from the 2 good samples
-    assert sum(len(p) for p in lit._val["p_fake"]) == 2
+    assert sum(len(p) for p in lit.validation.collected["p_fake"]) == 2

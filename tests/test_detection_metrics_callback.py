@@ -60,7 +60,8 @@ def test_logged_per_category_metrics_roc_and_confusion(corpus, offline_wandb, tm
 
     # what the callback collected is what the module computed, tied to the right records
     p, label = torch.cat(cb._p), torch.cat(cb._label)
-    assert torch.equal(p, torch.cat(lit._val["p_fake"])) and torch.equal(label, torch.cat(lit._val["label"]))
+    collected = lit.validation.collected
+    assert torch.equal(p, torch.cat(collected["p_fake"])) and torch.equal(label, torch.cat(collected["label"]))
     records = {r.id: r for r in dm.split_records("val")}
     assert len(cb._ids) == len(p) == len(set(cb._ids)) > 0
     assert [records[i].label for i in cb._ids] == label.tolist()
@@ -115,4 +116,4 @@ def test_without_wandb_logger_is_a_noop_with_one_notice(corpus, tmp_path, caplog
         trainer(tmp_path, 2, limit_val_batches=1, val_check_interval=2, callbacks=[cb]).fit(lit, datamodule=dm)
     notices = [r for r in caplog.records if r.name == "unigendet.callbacks"]
     assert len(notices) == 1 and "no-op" in notices[0].getMessage()
-    assert lit._val["p_fake"] and cb._ids == [] and cb._p == []  # validation ran; nothing was collected
+    assert lit.validation.collected["p_fake"] and cb._ids == [] and cb._p == []  # validation ran; nothing was collected

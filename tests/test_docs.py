@@ -1,9 +1,10 @@
 """Every command the documentation shows runs as written.
 
-The commands are the lines of the ```bash blocks of README.md and of every README under experiments/ (continuation
-lines joined, comments dropped, ``a && b`` split). Each one is classified below and run, in document order, in one
-workspace (``tests/docs_workspace.py``) that holds small data and model folders at the paths the commands name.
-A line no handler covers fails ``test_every_documented_command_is_covered``, so the docs cannot drift again.
+The commands are the lines of the ```bash blocks of README.md, of the pages under docs/ and of every README under
+experiments/ (continuation lines joined, comments dropped, ``a && b`` split). Each one is classified below and run,
+in document order, in one workspace (``tests/docs_workspace.py``) that holds small data and model folders at the
+paths the commands name. A line no handler covers fails ``test_every_documented_command_is_covered``, so the docs
+cannot drift again.
 
 What is changed in a command, and nothing else (no ``--data.*`` or ``--model.*`` overrides):
 
@@ -38,7 +39,7 @@ import yaml
 from tests.conftest import REPO
 from tests.docs_workspace import MODEL_DIR, build, environment
 
-DOCS = [REPO / "README.md", *sorted((REPO / "experiments").rglob("README.md"))]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "experiments").rglob("README.md"))]
 LIGHTNING = ("fit", "validate", "test", "predict")
 SLOW = (r"^make demo$", r"^unigendet demo-data --out demo-run/corpus$", r"^sbatch ")
 RESOURCES = [(r"--trainer\.devices=8\b", "--trainer.devices=2"), (r"^sbatch --nodes=4 ", "sbatch --nodes=1 ")]

@@ -1,6 +1,7 @@
 """Property-based tests (hypothesis) of the packed-sequence contract, token-budget packing and the record readers.
 
-* ``pack`` (METHOD.md section 2) on random mixes of text / ViT / clean and noisy VAE splits with the ``tiny`` preset:
+* ``pack`` (docs/method.md, "Packed sequences") on random mixes of text / ViT / clean and noisy VAE splits with the
+  ``tiny`` preset:
   lengths add up, the index tensors partition the sequence, ce / mse / det indexes follow the documented rules,
   RoPE positions restart per sample, packing commutes with reordering the samples, and the dense attention mask
   never crosses a sample boundary.
@@ -231,7 +232,8 @@ def test_pack_loss_and_detection_indexes(plans):
         if isinstance(x, VAESplit) and x.noisy and x.timestep is not None:
             k = batch.vae_indexes.tolist().index(s + 1)
             assert batch.vae_timesteps[k].item() == pytest.approx(x.timestep)
-    # det (METHOD.md section 2): one per labelled sample, at the <|im_start|> of its first text split with loss
+    # det (docs/method.md, "Packed sequences"): one per labelled sample, at the <|im_start|> of its first text split
+    # with loss
     expected = []
     for i, plan in enumerate(plans):
         if plan.label is not None:

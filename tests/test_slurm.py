@@ -9,8 +9,9 @@ Without Slurm (always run, BoringModel, seconds):
 * ``experiments/slurm/slurm.yaml`` stacked on base.yaml keeps ModelCheckpoint, adds SafeRequeue + the plugin.
 
 With Slurm (marker ``slurm``; skipped when not root, when Slurm is missing and cannot be installed, or when
-``ci/slurm-up.sh`` fails): the co-evolution experiment + slurm.yaml as a batch job that ``exec``s python. SIGUSR1
-comes from ``scancel --batch`` while the first run holds at the end of step 3 (``PauseUntilSignal``). The job saves
+``tests/slurm/slurm-up.sh`` fails): the co-evolution experiment + slurm.yaml as a batch job that ``exec``s python.
+SIGUSR1 comes from ``scancel --batch`` while the first run holds at the end of step 3 (``PauseUntilSignal``). The job
+saves
 hpc_ckpt_1 at step 4, requeues itself, runs again (``Restarts=1``, ``SLURM_RESTART_COUNT=1``), restores hpc_ckpt_1
 by itself (``ckpt_path`` unset) and completes. Every step is trained once, and the per-step losses equal those of
 the same command run uninterrupted outside Slurm (compared exactly: fp32 on CPU, one thread in both).
@@ -43,7 +44,7 @@ from callbacks import SafeRequeue, read_step_log
 from callbacks import requeue as requeue_mod
 from tests.conftest import REPO
 
-CI = REPO / "ci"
+SLURM_SCRIPTS = REPO / "tests" / "slurm"
 EXPERIMENTS = REPO / "experiments"
 STACK = ["base.yaml", "gduf.yaml", "coevolve.yaml", "slurm/slurm.yaml"]
 MAX_STEPS = 12
@@ -223,18 +224,20 @@ class PauseUntilSignal(Callback):
 
 
 def start_slurm(cpus: int | None = None, gpus: int = 0) -> None:
-    """Start (or reconfigure) the one-node Slurm of ci/slurm-up.sh; skip the calling test when that cannot work here.
+    """Start (or reconfigure) the one-node Slurm of tests/slurm/slurm-up.sh; skip the calling test when that cannot
+    work here.
     ``cpus`` / ``gpus``: what the node declares (more than it has, so that GPU-node job scripts are accepted; the GPUs
     are count-only, without devices)."""
     if os.geteuid() != 0:
-        pytest.skip("needs root: ci/slurm-up.sh installs Slurm and starts munged, slurmctld and slurmd")
+        pytest.skip("needs root: tests/slurm/slurm-up.sh installs Slurm and starts munged, slurmctld and slurmd")
     if shutil.which("sbatch") is None and shutil.which("apt-get") is None:
         pytest.skip("Slurm is not installed and there is no apt-get to install it")
     env = {**os.environ, "SLURM_GPUS": str(gpus), **({"SLURM_CPUS": str(cpus)} if cpus else {})}
-    up = subprocess.run(["bash", str(CI / "slurm-up.sh")], capture_output=True, text=True, timeout=900,
+    up = subprocess.run(["bash", str(SLURM_SCRIPTS / "slurm-up.sh")], capture_output=True, text=True, timeout=900,
                         stdin=subprocess.DEVNULL, env=env)
     if up.returncode != 0:
-        pytest.skip(f"ci/slurm-up.sh could not start Slurm (rc {up.returncode}):\n{(up.stdout + up.stderr)[-3000:]}")
+        pytest.skip(f"tests/slurm/slurm-up.sh could not start Slurm (rc {up.returncode}):\n"
+                    f"{(up.stdout + up.stderr)[-3000:]}")
 
 
 def wait_for_job(job: str, logs: Path, timeout: float) -> tuple[dict[str, str], str]:
@@ -255,7 +258,7 @@ def slurm_cluster():
     try:
         yield
     finally:
-        subprocess.run(["bash", str(CI / "slurm-down.sh"), "--clean"], check=True, capture_output=True,
+        subprocess.run(["bash", str(SLURM_SCRIPTS / "slurm-down.sh"), "--clean"], check=True, capture_output=True,
                        timeout=120, stdin=subprocess.DEVNULL)
 
 

@@ -377,11 +377,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
-        print(f"unigendet {args.command}: error: {one_line(str(e))}", file=sys.stderr)
+        print(f"unigendet {args.command}: error: {collapse_whitespace(str(e))}", file=sys.stderr)
         return 2
 
 
-def one_line(message: str) -> str:
+def collapse_whitespace(message: str) -> str:
     return " ".join(message.split())
 
 

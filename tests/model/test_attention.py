@@ -1,4 +1,5 @@
-"""Tests of unigendet.model.attention: the packed-sequence mask rules (METHOD.md section 2) and both kernels.
+"""Tests of unigendet.model.attention: the packed-sequence mask rules (docs/method.md, "Packed sequences") and both
+kernels.
 
 The reference mask here is written independently of ``allowed``: plain Python loops that build each sample's
 mask the way the authors' ``prepare_attention_mask_per_sample`` does (every split's rows see all earlier columns
@@ -224,7 +225,8 @@ def test_only_allowed_keys_influence_a_query(backend):
     mask = AttentionMask(layout)
     q, k, v = qkv(len(layout), seed=5)
     base = attend(q, k, v, mask, backend=backend)
-    # the queries that may see each perturbed key, from METHOD.md's rules, written out by hand
+    # the queries that may see each perturbed key, from the rules of docs/method.md, "Packed sequences", written out
+    # by hand
     visible_from = {
         1: {1, 2, 3, 4, 5, 6, 7},  # causal token 1: itself, later causal tokens, the noise and full splits
         4: {3, 4, 5},  # a noise token: only its own split

@@ -1,6 +1,7 @@
 """Tests of unigendet.model.packing: hand-checked packs with the tiny preset and the reference fixture's layout.
 
-The expected lists in the hand-made cases are written out literally (worked out by hand from METHOD.md section 2
+The expected lists in the hand-made cases are written out literally (worked out by hand from docs/method.md, "Packed
+sequences"
 and the fixture README's "Conventions"), not recomputed by a second packer.
 """
 

@@ -1,4 +1,4 @@
-"""Numerical parity with the authors' model on the reference fixtures (METHOD.md, fixtures README).
+"""Numerical parity with the authors' model on the reference fixtures (docs/method.md; the fixtures' README).
 
 The fixture folders come from UNIGENDET_PARITY_FIXTURES (os.pathsep-separated) when set, else every
 ../shared/fixtures/parity_* folder. Each is loaded through the real checkpoint loader, its packed batch through

@@ -57,3 +57,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                              "(`unigendet export --ckpt FOLDER --out DIR`) and use --model.init_from=DIR")
         kwargs = {} if map_location is None else {"map_location": map_location}
         return super().load_checkpoint(path, weights_only=weights_only, **kwargs)
+
+
+def use_atomic_checkpoint_io(strategy) -> None:
+    """Make a strategy's checkpoint writes atomic, when it uses Lightning's default IO (a custom IO is kept)."""
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()

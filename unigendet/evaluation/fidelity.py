@@ -13,7 +13,8 @@ Features:
 * **safetensors accepted**: a ``.safetensors`` copy is converted once to a plain ``.pth`` (``torch.save`` of the tensor
   dict) in a cache folder next to it (``.fidelity_cache/``, else a per-user temp folder), named by the file's SHA-256;
   the cached file is validated like any other before its path is returned.
-* **One preprocessing for both sides** (METHOD.md section 6, "centre-cropped and resized to 299"): the largest centred
+* **One preprocessing for both sides** (docs/method.md, "Evaluation protocol": centre-cropped and resized to 299): the
+  largest centred
   square, bicubic resize to 299, RGB, uint8 (:func:`fidelity_images`).
 * **Features batch by batch, never all the images**: torch-fidelity's own extractor (:func:`inception_extractor`)
   turns each batch of images into pool features (2048) and unbiased logits (1008) (:func:`inception_features`,

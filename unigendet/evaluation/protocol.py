@@ -1,4 +1,5 @@
-"""The evaluation protocol (FakeVLM / UniGenDet, METHOD.md §6) behind ``python -m unigendet test``.
+"""The evaluation protocol (FakeVLM / UniGenDet, docs/method.md, "Evaluation protocol") behind ``python -m unigendet
+test``.
 
 Features:
 * **Detection** on a FakeClue-format test split: every image is asked its record's question; the real/fake head gives

@@ -1,4 +1,5 @@
-"""Scores of a written verdict against FakeClue's reference answer (the FakeVLM / UniGenDet protocol, METHOD.md §6).
+"""Scores of a written verdict against FakeClue's reference answer (the FakeVLM / UniGenDet protocol, docs/method.md,
+"Evaluation protocol").
 
 Features:
 * :func:`parse_label` - the verdict a text states: the first standalone word "fake" or "real" (case-insensitive), as

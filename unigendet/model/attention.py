@@ -1,4 +1,4 @@
-"""Attention over packed sequences: the mask rules of METHOD.md section 2 and two kernels that obey them.
+"""Attention over packed sequences: the mask rules of docs/method.md, "Packed sequences" and two kernels that obey them.
 
 * ``SequenceLayout``  - per-token sample / split / mode ids derived from (sample lens, split lens, modes)
 * ``allowed``         - THE mask rule, written once as elementwise tensor logic; the dense mask, the flex

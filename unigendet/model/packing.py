@@ -1,4 +1,4 @@
-"""Packed sequences: the data <-> model contract of METHOD.md section 2.
+"""Packed sequences: the data <-> model contract of docs/method.md, "Packed sequences".
 
 A batch is ONE sequence holding several samples back to back. Each sample is a list of splits:
 
@@ -142,7 +142,8 @@ class PackedBatch:
 
 def pack(plans: list[SamplePlan], cfg: UniGenDetConfig, generator: torch.Generator | None = None, *,
          allow_empty: bool = False) -> PackedBatch:
-    """Pack sample plans into one sequence (METHOD.md section 2). Raw timesteps of noisy VAE splits that are not
+    """Pack sample plans into one sequence (docs/method.md, "Packed sequences"). Raw timesteps of noisy VAE splits
+    that are not
     given are drawn from N(0, 1) with ``generator``. ``allow_empty``: zero plans give a batch of no tokens (it
     carries only ``stats``, e.g. the skips of a loader worker that found nothing usable)."""
     if not plans and not allow_empty:

@@ -2,9 +2,9 @@
 
 * ``tiny``         - unit tests: 2 layers of width 64, a 4-level tiny FLUX AE; builds and runs in milliseconds.
 * ``demo``         - the CPU demo: a few million parameters, images up to 64 px (ViT patch 4), fan-in init, and a
-                     parameter-free pixel-space "autoencoder" (space-to-depth, exactly invertible), so generation
-                     can learn in minutes on 2 cores without first training an AE on a corpus that has no pretrained
-                     one.
+                     small learned convolutional autoencoder (``kind="conv"``, 4x down-sampling, trained on the
+                     corpus' real images in about 25 s by ``unigendet train-ae``), since nothing pretrained can be
+                     downloaded; its decoder blends neighbouring tokens, which a space-to-depth map did not.
 * ``debug``        - one GPU, minutes: BAGEL's widths with 2 decoder and 2 ViT layers, the real FLUX AE shape.
 * ``bagel-7b-mot`` - BAGEL-7B-MoT (14B parameters, 7B active) with the UniGenDet heads.
 """

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 
 import torch
 
 from unigendet.distributed.sharding import FSDPConfig, shard
-from unigendet.model.config import UniGenDetConfig
+from unigendet.model.bagel_config import config_from_bagel_dir
+from unigendet.model.config import ModelOverrides, PresetOrFolder, UniGenDetConfig
 from unigendet.model.unigendet import UniGenDet
 from unigendet.training.optim import partition
 from unigendet.training.stages import Stage
@@ -85,3 +87,44 @@ def _load_whole(model: UniGenDet, cfg: UniGenDetConfig, init_from: str | None, i
     elif cfg.vae.kind == "conv" and not init_from:
         log.warning("the %s autoencoder is random: pass --model.init_ae_from=<file from unigendet train-ae>",
                     cfg.vae.kind)
+
+
+def resolve_config(model_name, model_overrides, init_from: str | None,
+                   init_ae_from: str | None) -> tuple[str | None, dict, UniGenDetConfig]:
+    """(the preset name or folder as a string, the overrides as a nested dict, the model config): from a preset, or
+    from the ``init_from`` folder's own config when no preset is named. Errors name the setting to fix."""
+    if model_name is None and not init_from:
+        raise ValueError("set model.model_name (a preset: tiny, demo, debug, bagel-7b-mot) or model.init_from "
+                         "(a BAGEL / UniGenDet model folder, whose architecture is then used)")
+    if init_ae_from and not Path(init_ae_from).is_file():
+        raise ValueError(f"model.init_ae_from: no autoencoder file {init_ae_from} (train it: unigendet train-ae "
+                         f"--corpus <corpus folder> --out {init_ae_from})")
+    model_name = None if model_name is None else str(PresetOrFolder(model_name))
+    source = model_name if model_name is not None else str(PresetOrFolder(init_from))
+    if not isinstance(model_overrides, ModelOverrides):
+        model_overrides = ModelOverrides.from_dict(model_overrides)
+    overrides = model_overrides.to_dict()
+    if Path(source).is_dir():
+        return model_name, overrides, config_from_bagel_dir(source).with_overrides(overrides)
+    return model_name, overrides, UniGenDetConfig.from_name(source, **overrides)
+
+
+@torch.no_grad()
+def copy_weights(model: UniGenDet, teacher: UniGenDet, ema=None) -> None:
+    """``teacher`` takes ``model``'s weights in place (shard by shard under FSDP2: both are sharded alike), then the
+    EMA's when ``ema`` is given."""
+    src = dict(model.named_parameters())
+    for name, p in teacher.named_parameters():
+        p.copy_(src[name].detach())
+    if ema is not None:
+        ema.copy_to(teacher)
+
+
+def ready_teacher(teacher: UniGenDet, model: UniGenDet) -> UniGenDet:
+    """The teacher in eval mode (Lightning puts every submodule in train mode at the start of fit), on the
+    student's device."""
+    if teacher.training:
+        teacher.eval()
+    if teacher.embed.weight.device != model.embed.weight.device:
+        teacher.to(model.embed.weight.device)
+    return teacher

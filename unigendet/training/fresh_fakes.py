@@ -9,7 +9,7 @@ from unigendet.constants import DETECTION_PROMPT, FAKE_VERDICT
 from unigendet.model.packing import PackedBatch, SamplePlan, TextSplit, VAESplit, ViTSplit, pack
 from unigendet.training.data_contract import TrainingData
 
-# two large primes: step k's i-th caption is record (k * STEP_STRIDE + i * DRAW_STRIDE) mod n, which walks the whole
+# two large primes: draw k's i-th caption is record (k * STEP_STRIDE + i * DRAW_STRIDE) mod n, which walks the whole
 # training split over the run without repeating a caption within a draw and without a random stream of its own
 STEP_STRIDE, DRAW_STRIDE = 7919, 104729
 
@@ -21,15 +21,16 @@ class FreshFakes:
         self._plans: list[SamplePlan] = []
         self.seen = 0  # fresh fakes trained on so far (``train/fresh_fakes_seen``)
 
-    def draw(self, generate, data: TrainingData, step: int, *, n: int, px: int, steps: int) -> None:
+    def draw(self, generate, data: TrainingData, k: int, *, n: int, px: int, steps: int) -> None:
         """Generate ``n`` images of ``px`` x ``px`` (``generate(prompts, height, width, steps, seed)``) for training
-        captions chosen by ``step``, and queue them as fakes with the detection side's question and transforms."""
+        captions chosen by ``k`` (also the seed; the module passes the training batches counted so far), and queue
+        them as fakes with the detection side's question and transforms."""
         source = data.text_to_image
         if source is None:
             raise ValueError("stage.fresh_fakes_every needs text-to-image data to draw captions from")
         records = source.split_records("train")
-        prompts = [records[(step * STEP_STRIDE + i * DRAW_STRIDE) % len(records)].prompt for i in range(n)]
-        images = generate(prompts, height=px, width=px, steps=steps, seed=step)
+        prompts = [records[(k * STEP_STRIDE + i * DRAW_STRIDE) % len(records)].prompt for i in range(n)]
+        images = generate(prompts, height=px, width=px, steps=steps, seed=k)
         side = data.detection
         verdict = data.tok.encode(FAKE_VERDICT)
         question = data.tok.encode((side.prompt if side is not None else None) or DETECTION_PROMPT)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -34,19 +33,19 @@ from torch import Tensor
 from unigendet.checkpoint.resume import restore_run_state, run_state, set_rng_state
 from unigendet.distributed.sharding import FSDPConfig
 from unigendet.evaluation.protocol import EvalConfig
-from unigendet.evaluation.scores import loop_metrics
-from unigendet.model.bagel_config import config_from_bagel_dir
-from unigendet.model.config import ModelOverrides, PresetOrFolder, UniGenDetConfig
+from unigendet.model.config import ModelOverrides, PresetOrFolder
 from unigendet.model.packing import PackedBatch
 from unigendet.model.unigendet import UniGenDet
 from unigendet.training import losses as loss_fns
 from unigendet.training import sampling
-from unigendet.training.build import build_networks
+from unigendet.training.build import build_networks, copy_weights, ready_teacher, resolve_config
 from unigendet.training.data_contract import TrainingData, training_data
 from unigendet.training.ema import EMA
 from unigendet.training.fresh_fakes import FreshFakes
 from unigendet.training.optim import OptimConfig, build_optimizer, build_scheduler, partition
 from unigendet.training.stages import LossWeights, Stage
+from unigendet.training.updates import advance_schedules, apply_update
+from unigendet.training.validation import ValidationPass
 
 log = logging.getLogger("unigendet.train")
 
@@ -91,17 +90,7 @@ class LitUniGenDet(L.LightningModule):
         self.loss_w, self.stage = loss or LossWeights(), stage or Stage()
         self.optim_cfg, self.fsdp_cfg = optim or OptimConfig(), fsdp or FSDPConfig()
         self.eval_cfg = evaluation or EvalConfig()
-        if model_name is None and not init_from:
-            raise ValueError("set model.model_name (a preset: tiny, demo, debug, bagel-7b-mot) or model.init_from "
-                             "(a BAGEL / UniGenDet model folder, whose architecture is then used)")
-        if init_ae_from and not Path(init_ae_from).is_file():
-            raise ValueError(f"model.init_ae_from: no autoencoder file {init_ae_from} (train it: unigendet train-ae "
-                             f"--corpus <corpus folder> --out {init_ae_from})")
-        model_name = None if model_name is None else str(PresetOrFolder(model_name))
-        source = model_name if model_name is not None else str(PresetOrFolder(init_from))
-        if not isinstance(model_overrides, ModelOverrides):
-            model_overrides = ModelOverrides.from_dict(model_overrides)
-        overrides = model_overrides.to_dict()
+        model_name, overrides, self.cfg = resolve_config(model_name, model_overrides, init_from, init_ae_from)
         # ``evaluation`` is deliberately not a hyperparameter: LightningCLI's ``test --ckpt_path`` applies the
         # checkpoint's hyperparameters OVER the command line, which would silently replace the evaluation settings
         # given for this test run with the defaults the training run saved
@@ -110,10 +99,6 @@ class LitUniGenDet(L.LightningModule):
                                    "stage": dataclasses.asdict(self.stage), "optim": dataclasses.asdict(self.optim_cfg),
                                    "freeze": list(freeze or []), "ema_decay": ema_decay, "attn_backend": attn_backend,
                                    "seed": seed, "fsdp": dataclasses.asdict(self.fsdp_cfg), "rank_seeds": rank_seeds})
-        if Path(source).is_dir():
-            self.cfg = config_from_bagel_dir(source).with_overrides(overrides)
-        else:
-            self.cfg = UniGenDetConfig.from_name(source, **overrides)
         if self.stage.fresh_fakes_every:  # settings that generate images are checked now, not when first used
             px = self.stage.fresh_fake_px
             self.cfg.check_image_size(px, px, what=f"stage.fresh_fake_px={px}:")
@@ -126,7 +111,7 @@ class LitUniGenDet(L.LightningModule):
         self.counters = {"batches": 0, "skipped_nan": 0, "fresh_fakes_seen": 0}
         self.fresh = FreshFakes()
         self._pending_rng: dict | None = None
-        self._val: dict[str, list] = {}
+        self.validation = ValidationPass()
 
     # ----------------------------------------------------------------------------------------------
     # building
@@ -165,27 +150,14 @@ class LitUniGenDet(L.LightningModule):
         rank = self.trainer.global_rank if self._trainer is not None and hp.rank_seeds else 0
         torch.manual_seed(hp.seed + rank)
 
-    @torch.no_grad()
     def refresh_teacher(self) -> None:
-        """Copy the current network's weights (or their EMA) into the DIGA teacher, in place (shard by shard
-        under FSDP2: student and teacher are sharded alike)."""
-        teacher = self.teacher
-        src = dict(self.model.named_parameters())
-        for name, p in teacher.named_parameters():
-            p.copy_(src[name].detach())
-        if self.stage.teacher_from_ema and self.ema is not None:
-            self.ema.copy_to(teacher)
+        """The DIGA teacher takes the current network's weights (or their EMA), in place."""
+        copy_weights(self.model, self.teacher, ema=self.ema if self.stage.teacher_from_ema else None)
 
     @property
     def teacher(self) -> UniGenDet | None:
         teacher = self.teacher_net if self.teacher_net is not None else (self._teacher[0] if self._teacher else None)
-        if teacher is None:
-            return None
-        if teacher.training:  # Lightning puts every submodule in train mode at the start of fit
-            teacher.eval()
-        if teacher.embed.weight.device != self.model.embed.weight.device:
-            teacher.to(self.model.embed.weight.device)
-        return teacher
+        return None if teacher is None else ready_teacher(teacher, self.model)
 
     def configure_optimizers(self):
         sides = partition(self.model, self.optim_cfg.shared)
@@ -260,42 +232,15 @@ class LitUniGenDet(L.LightningModule):
         return self.log_step(logs, batch, step, passes)
 
     def update(self, side: str, total: Tensor, losses: dict[str, Tensor], step: int, stepped: list[str]) -> list[str]:
-        """Backward and step the ``side``'s optimiser (``joint``: both), unless a loss term is non-finite on some
-        rank; returns the sides that stepped. Only the first optimiser step of a batch counts as a global step."""
+        """Apply ``side``'s update (:mod:`unigendet.training.updates`) unless a loss term is non-finite on some rank;
+        returns the sides whose optimiser stepped."""
         if not loss_fns.all_finite(losses, step, self._trainer, self.stage.on_nan, self.counters):
             return []
-        opt_det, opt_gen = self.optimizers()
-        opt = opt_gen if side == "gen" else opt_det
-        self.model.zero_grad(set_to_none=True)
-        self.manual_backward(total)
-        clip = self.optim_cfg.clip_gen if side == "gen" else self.optim_cfg.clip_det
-        params = self.model.parameters() if side == "joint" else (p for g in opt.param_groups for p in g["params"])
-        if clip:
-            torch.nn.utils.clip_grad_norm_([p for p in params if p.requires_grad], clip)
-        if stepped:
-            self.step_uncounted(opt)
-        else:
-            opt.step()
-        if side == "joint":  # the generation side's optimiser steps on the same gradients
-            self.step_uncounted(opt_gen)
-            return ["det", "gen"]
-        return [side]
-
-    def step_uncounted(self, opt) -> None:
-        """Step ``opt`` without Lightning counting a global step (#17958); Lightning re-installs these hooks every
-        batch, so this lasts for the current batch only."""
-        prof = self.trainer.profiler
-        opt._on_before_step = lambda: prof.start("optimizer_step")
-        opt._on_after_step = lambda: prof.stop("optimizer_step")
-        opt.step()
+        return apply_update(self, side, total, counted=not stepped)
 
     def after_updates(self, stepped: list[str], step: int) -> None:
-        """LR schedules and EMA follow the training steps; a side whose optimiser has never stepped (a frozen side,
-        e.g. the detector in the DIGA stage) keeps its schedule at the start, as torch requires."""
         if stepped:
-            for side, sch in zip(("det", "gen"), self.lr_schedulers(), strict=True):
-                if side in stepped or sch.last_epoch > 0:
-                    sch.step()
+            advance_schedules(self.lr_schedulers(), stepped)
             if self.ema is not None:
                 self.ema.update(self.model)
         s = self.stage
@@ -334,37 +279,17 @@ class LitUniGenDet(L.LightningModule):
     # validation / test / predict
     # ----------------------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
-        self._val = {"p_fake": [], "label": [], "ce": [], "mse": []}
-        self._ema_ctx = self.ema.swap(self.model) if self.ema is not None else None
-        if self._ema_ctx is not None:
-            self._ema_ctx.__enter__()
+        self.validation.start(self.model, self.ema)
 
     def validation_step(self, batch: PackedBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        """Head p(fake) and CE on detection samples, flow MSE (fixed noise) on generation samples. Returns the
-        batch's ``p_fake`` and ``label`` (empty without detection samples), in the order of ``det_labels``."""
+        """Returns the batch's head ``p_fake`` and ``label`` (for DetectionMetrics); tallies CE and flow MSE."""
         if isinstance(batch, dict):
             batch = batch.get("det") or batch.get("gen")
-        out = {"p_fake": torch.empty(0), "label": torch.empty(0, dtype=torch.long)}
-        if batch.det_labels.numel():
-            res = self.model(batch)
-            out = {"p_fake": torch.softmax(res["det_logits"].float(), -1)[:, 0].cpu(), "label": batch.det_labels.cpu()}
-            self._val["p_fake"].append(out["p_fake"])
-            self._val["label"].append(out["label"])
-            self._val["ce"].append(res["ce"].detach().cpu())
-        if batch.mse_indexes.numel():
-            g = torch.Generator(device="cpu").manual_seed(batch_idx)  # the same noise every validation
-            noise = torch.randn(batch.n_vae_tokens, self.cfg.latent_token_dim, generator=g).to(self.device)
-            self._val["mse"].append(self.model(batch, noise=noise)["mse"].mean(-1).detach().cpu())
-        return out
-
-    def _leave_ema(self) -> None:
-        if self._ema_ctx is not None:
-            self._ema_ctx.__exit__(None, None, None)
-            self._ema_ctx = None
+        return self.validation.step(self.model, batch, batch_idx)
 
     def on_validation_epoch_end(self) -> None:
-        self._leave_ema()
-        metrics = loop_metrics(self._val)
+        self.validation.leave_ema()
+        metrics = self.validation.metrics()
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=False, sync_dist=True)
         if "acc" in metrics:
             self.log("val_acc", metrics["acc"], prog_bar=True)
@@ -374,14 +299,14 @@ class LitUniGenDet(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         """The test loop's head metrics (teacher-forced batches), then the evaluation protocol (EMA weights)."""
-        self.log_dict({f"test/{k}": v for k, v in loop_metrics(self._val).items()}, sync_dist=True)
+        self.log_dict({f"test/{k}": v for k, v in self.validation.metrics().items()}, sync_dist=True)
         try:
             if self.eval_cfg.detection or self.eval_cfg.generation:
                 from unigendet.evaluation.in_training import evaluate_module
 
                 self.log_dict(evaluate_module(self), rank_zero_only=True)  # the same values on every rank
         finally:
-            self._leave_ema()
+            self.validation.leave_ema()
 
     @torch.no_grad()
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
@@ -415,13 +340,9 @@ class LitUniGenDet(L.LightningModule):
             self._pending_rng = None
 
     def setup(self, stage: str) -> None:
-        from lightning.pytorch.plugins.io import TorchCheckpointIO
+        from unigendet.checkpoint.lightning_io import use_atomic_checkpoint_io
 
-        from unigendet.checkpoint.lightning_io import AtomicCheckpointIO
-
-        strategy = self.trainer.strategy
-        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # the default: make checkpoint writes atomic
-            strategy.checkpoint_io = AtomicCheckpointIO()
+        use_atomic_checkpoint_io(self.trainer.strategy)
         if stage == "test" and self.eval_cfg.generation:
             px = self.eval_cfg.gen_px
             self.cfg.check_image_size(px, px, what=f"evaluation.gen_px={px}:")

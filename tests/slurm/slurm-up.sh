@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ci/slurm-up.sh - start a real one-node Slurm cluster (munged + slurmctld + slurmd on localhost) for the
+# tests/slurm/slurm-up.sh - start a real one-node Slurm cluster (munged + slurmctld + slurmd on localhost) for the
 # preemption test (tests/test_slurm.py), as root, without systemd or cgroups. Debian 12 (slurm-wlm 22.05).
 #
 # Features:
@@ -12,7 +12,7 @@
 # Environment: SLURM_CPUS (default nproc), SLURM_MEM_MB (1000), SLURM_CRED_EXPIRE (10, >= 5), SLURM_GPUS (0): the
 # node declares that many GPUs (plain files stand in for their device files) and SLURM_CPUS may exceed nproc, so that GPU-node job
 # scripts (e.g. experiments/slurm/*.sbatch: --gpus-per-node=8 --ntasks-per-node=8) are accepted on a CPU machine.
-# Stop with ci/slurm-down.sh.
+# Stop with tests/slurm/slurm-down.sh.
 set -euo pipefail
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin:${PATH:-}
 
@@ -66,7 +66,7 @@ fi
 ########################################################################## slurm.conf
 mkdir -p /etc/slurm "$run" "$spool/ctld" "$spool/d" "$log"
 cat > "$conf" <<CONF
-# written by ci/slurm-up.sh: one-node CI cluster, no systemd, no cgroups, no accounting database
+# written by tests/slurm/slurm-up.sh: one-node CI cluster, no systemd, no cgroups, no accounting database
 ClusterName=ci
 SlurmctldHost=localhost
 SlurmUser=root
@@ -118,7 +118,7 @@ else
 fi
 
 ########################################################################## slurmctld + slurmd
-# shellcheck source=ci/slurm-lib.sh
+# shellcheck source=tests/slurm/slurm-lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/slurm-lib.sh"
 stop_by_pidfile "$run/slurmd.pid" slurmd
 stop_by_pidfile "$run/slurmctld.pid" slurmctld

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ci/slurm-down.sh - stop the cluster ci/slurm-up.sh started. Idempotent.
+# tests/slurm/slurm-down.sh - stop the cluster tests/slurm/slurm-up.sh started. Idempotent.
 #
 # Features:
 #   * cancels every job first (so no job process outlives slurmd), then kills leftover job pids by pid
@@ -18,7 +18,7 @@ for arg in "$@"; do
   esac
 done
 
-# shellcheck source=ci/slurm-lib.sh
+# shellcheck source=tests/slurm/slurm-lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/slurm-lib.sh"
 
 if [ -s "$run/slurmctld.pid" ] && command -v scontrol >/dev/null && scontrol ping 2>/dev/null | grep -q UP; then
