@@ -249,6 +249,18 @@ def test_validation_reports_detection_metrics(corpus, tmp_path):
     assert 0.0 <= metrics["val/acc"] <= 1.0 and 0.0 <= metrics["val/f1"] <= 1.0 and metrics["val/loss_mse"] > 0
 
 
+def test_sampling_for_callbacks_leaves_the_training_random_stream_alone(corpus, tmp_path):
+    """ImageSamples and ForensicExplanations generate and detect at every validation; a detection forward draws flow
+    noise even for clean latents, which used to shift every later training step's noise (the demo's numbers moved
+    when its sample grid started to report p(fake))."""
+    lit, dm = make(corpus)
+    trainer(tmp_path, 1).fit(lit, datamodule=dm)
+    before = torch.get_rng_state()
+    images = lit.generate_images(["a caption", "another caption"], height=32, width=32, steps=2, use_ema=True)
+    p_fake = lit.detect_images(images, use_ema=True)
+    assert p_fake.shape == (2,) and torch.equal(before, torch.get_rng_state())
+
+
 def pipe_image():
     from PIL import Image
 

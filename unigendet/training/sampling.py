@@ -1,5 +1,8 @@
 """Generation and head-only detection from the network being trained, for fresh fakes, the callbacks and the
-evaluation: eval mode (restored after), the EMA weights on request, parameters gathered under FSDP2."""
+evaluation: eval mode (restored after), the EMA weights on request, parameters gathered under FSDP2, and the global
+random streams left as they were, so that what a callback samples never changes the training that follows (a
+detection forward draws flow noise even for clean latents; a validation-time sample used to shift every later
+step's noise)."""
 
 from __future__ import annotations
 
@@ -16,11 +19,13 @@ from unigendet.training.data_contract import TrainingData
 
 @contextlib.contextmanager
 def sampling_weights(model, ema, use_ema: bool):
-    """The network in eval mode with its EMA weights swapped in when asked, whole (un-sharded)."""
+    """The network in eval mode with its EMA weights swapped in when asked, whole (un-sharded), inside a fork of the
+    global random streams (CPU, and the model's CUDA device)."""
     was_training = model.training
     swap = ema.swap(model) if (use_ema and ema is not None) else contextlib.nullcontext()
+    device = model.embed.weight.device
     try:
-        with swap, unsharded(model):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), swap, unsharded(model):
             yield model
     finally:
         model.train(was_training)
