@@ -4,6 +4,7 @@ JSON summary as the last stdout line."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -17,11 +18,20 @@ def test_demo_runs_end_to_end_and_reports_json(tmp_path, capsys, monkeypatch):
     for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "wandb-home"))
     out = tmp_path / "run"
+    # Lightning's own log lines go to its handler's stream, which capsys does not see: listen on its logger
+    lightning_lines: list[str] = []
+    listener = logging.Handler()
+    listener.emit = lambda record: lightning_lines.append(record.getMessage())
+    logging.getLogger("lightning.pytorch").addHandler(listener)
+    monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "level", logging.INFO)
     code = main_demo(["--out", str(out), "--small", "--panel", "2", "--samples", "2", "--sample-px", "32",
                       "--sample-steps", "2", "--fd-samples", "4", "--trainer.max_steps=3",
                       "--trainer.val_check_interval=3", "--trainer.limit_val_batches=2", "--data.num_workers=0",
                       "--trainer.enable_progress_bar=false"])
+    logging.getLogger("lightning.pytorch").removeHandler(listener)
     assert code == 0
+    # no third-party noise: the final save names what it writes (it logged "`weights_only` was not set")
+    assert not [line for line in lightning_lines if "weights_only" in line], lightning_lines
     captured = capsys.readouterr()
     lines = captured.out.strip().splitlines()
     summary = json.loads(lines[-1])

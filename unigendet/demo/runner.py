@@ -78,7 +78,7 @@ def train(out: Path, corpus: Path, config: Path, extra: list[str]) -> tuple[Path
     # max_steps is not one (e.g. --trainer.max_steps=300 with the demo's N=250 would score step 250)
     if ckpt.is_symlink():  # save_last="link": write the final state beside the step checkpoint it points to
         ckpt.unlink()
-    cli.trainer.save_checkpoint(ckpt)
+    cli.trainer.save_checkpoint(ckpt, weights_only=False)  # the full training state, as ModelCheckpoint writes it
     wandb_dir = None
     logger = cli.trainer.logger
     if logger is not None and hasattr(logger, "experiment") and hasattr(logger.experiment, "dir"):
