@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from unigendet.constants import DETECTION_PROMPT, FAKE_VERDICT, REAL_VERDICT
 from unigendet.demo.measure import PEAK_THRESHOLD, PERIODS, Measurements, region_name
 
 """Periods (pixels) of the up-sampling artifacts looked for: 2, 4, 8 -> 1/2, 1/4, 1/8 of the sampling frequency."""
@@ -22,8 +23,8 @@ from unigendet.demo.measure import PEAK_THRESHOLD, PERIODS, Measurements, region
 """A periodogram peak this many times above its neighbourhood counts as a periodic artifact."""
 
 PROMPTS = (
-    "Does the image looks real/fake?",
-    "Does the image looks real/fake?",
+    DETECTION_PROMPT,
+    DETECTION_PROMPT,
     "Is this image real or fake?",
     "Is this picture real or generated? Explain.",
     "Is this a real photograph or a fake image?",
@@ -216,7 +217,7 @@ def explain(family: str, m: Measurements, rng: np.random.Generator, subject: str
         "This is a real image. ..." or "This is a fake image. ...".
     """
     if family == "real":
-        return " ".join(["This is a real image.", *_real(m, subject, rng)])
+        return " ".join([REAL_VERDICT, *_real(m, subject, rng)])
     if family == "gan_upsample":
         body = _gan(m, subject, rng)
     elif family == "spectral":
@@ -227,7 +228,7 @@ def explain(family: str, m: Measurements, rng: np.random.Generator, subject: str
         body = _splice(m, info or {}, rng)
     else:
         raise ValueError(f"unknown family {family!r}")
-    return " ".join(["This is a fake image.", *body])
+    return " ".join([FAKE_VERDICT, *body])
 
 
 def caption(subject: str, kind: str, zoom: float, m: Measurements, position: str, rng: np.random.Generator) -> str:
