@@ -261,6 +261,14 @@ def test_sampling_for_callbacks_leaves_the_training_random_stream_alone(corpus, 
     assert p_fake.shape == (2,) and torch.equal(before, torch.get_rng_state())
 
 
+def test_fresh_fakes_without_the_data_contract_say_what_is_missing():
+    """A data module without the TrainingData contract (a plain LightningDataModule) cannot supply captions."""
+    from unigendet.training.fresh_fakes import FreshFakes
+
+    with pytest.raises(TypeError, match="TrainingData"):
+        FreshFakes().draw(lambda *a, **k: [], None, 1, n=1, px=32, steps=2)
+
+
 def pipe_image():
     from PIL import Image
 

@@ -2,9 +2,9 @@
 
 ``data_modules`` implements it (:class:`data_modules.base.StreamDataModule` and its subclasses); nothing in
 ``unigendet`` imports them. A data module that does not satisfy :class:`TrainingData` (e.g. a plain
-``LightningDataModule`` of fixed batches in a benchmark) still trains; what needs the contract (fresh fakes, the
-tokenizer check, data positions in checkpoints, skip counts) is then off, and :func:`training_data` says so by
-returning None.
+``LightningDataModule`` of fixed batches in a benchmark) still trains: :func:`training_data` returns None, the
+tokenizer check, data positions in checkpoints and skip counts are off, and what cannot work without it (fresh
+fakes, ``detect_images``) is a TypeError saying so.
 """
 
 from __future__ import annotations

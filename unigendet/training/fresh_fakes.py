@@ -25,6 +25,9 @@ class FreshFakes:
         """Generate ``n`` images of ``px`` x ``px`` (``generate(prompts, height, width, steps, seed)``) for training
         captions chosen by ``k`` (also the seed; the module passes the training batches counted so far), and queue
         them as fakes with the detection side's question and transforms."""
+        if data is None:
+            raise TypeError("stage.fresh_fakes_every needs a data module that implements "
+                            "unigendet.training.data_contract.TrainingData (the DataModules in data_modules/ do)")
         source = data.text_to_image
         if source is None:
             raise ValueError("stage.fresh_fakes_every needs text-to-image data to draw captions from")

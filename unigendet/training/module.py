@@ -186,7 +186,7 @@ class LitUniGenDet(L.LightningModule):
     def generation_losses(self, batch: PackedBatch, teacher_batch: PackedBatch | None = None) -> dict[str, Tensor]:
         diga = self.stage.diga and teacher_batch is not None
         return loss_fns.generation_losses(self.model, batch, self.token_mean, teacher=self.teacher if diga else None,
-                                    teacher_batch=teacher_batch, diga_layer=self.diga_layer if diga else None)
+                                          teacher_batch=teacher_batch, diga_layer=self.diga_layer if diga else None)
 
     def training_step(self, batch: dict[str, PackedBatch], batch_idx: int) -> dict[str, Any]:
         """The co-evolution step: a detection update, then a generation update (each when the stage trains that side

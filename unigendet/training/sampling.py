@@ -45,6 +45,9 @@ def detect_images(model, ema, data: TrainingData, images: list, *, use_ema: bool
                   batch_size: int = 8) -> Tensor:
     """p(fake) from the real/fake head (no explanation) for PIL images, presented as the detection data presents
     them (its transforms, question and VAE split): (N,) on the CPU."""
+    if data is None:
+        raise TypeError("detect_images needs a data module that implements "
+                        "unigendet.training.data_contract.TrainingData (the DataModules in data_modules/ do)")
     side = data.detection
     out = []
     with sampling_weights(model, ema, use_ema):
