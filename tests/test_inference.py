@@ -19,7 +19,8 @@ from PIL import Image
 from tests.conftest import REPO, SHARED
 from unigendet.checkpoint.folders import save_folder
 from unigendet.cli import main
-from unigendet.inference import DEFAULT_PROMPT, UniGenDetPipeline
+from unigendet.constants import DETECTION_PROMPT
+from unigendet.inference import UniGenDetPipeline
 from unigendet.inputs.tokenizer import train_bpe
 from unigendet.model.config import UniGenDetConfig
 from unigendet.model.packing import SamplePlan, TextSplit, VAESplit, ViTSplit, pack
@@ -28,7 +29,7 @@ from unigendet.model.unigendet import UniGenDet
 REAL_FAKE = SHARED / "fixtures" / "real_world" / "gpt_image_2_fake.png"
 GENEVAL = SHARED / "fixtures" / "real_world" / "geneval_prompts.txt"
 TEXTS = ["This is a fake image. The fur looks painted and the edges repeat.", "This is a real image.",
-         DEFAULT_PROMPT, "a photo of a cat", "a red bench in the park"]
+         DETECTION_PROMPT, "a photo of a cat", "a red bench in the park"]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def test_head_p_fake_equals_the_training_forward(pipe):
     logits on the same image and prompt, whatever the answer that follows (causal attention)."""
     images = _images()
     results = pipe.detect(images, explain=False)
-    prompt = pipe.tok.encode(DEFAULT_PROMPT)
+    prompt = pipe.tok.encode(DETECTION_PROMPT)
     plans = [SamplePlan([VAESplit(image=pipe.vae_tf(im)), ViTSplit(pipe.vit_tf(im)), TextSplit(prompt),
                          TextSplit(pipe.tok.encode("This is a fake image."), loss=True)], label=0) for im in images]
     with torch.no_grad():

@@ -68,7 +68,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-DTYPES = DTYPE_NAMES
 
 
 def resolve_device(device: str | None, dtype: str | None) -> tuple[str, str]:
@@ -89,7 +88,7 @@ def resolve_device(device: str | None, dtype: str | None) -> tuple[str, str]:
             raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if dtype is None:
         dtype = "bfloat16" if dev.type == "cuda" else "float32"
-    return device, DTYPES[dtype]
+    return device, DTYPE_NAMES[dtype]
 
 
 def _check_ckpt(path: str) -> None:
@@ -227,7 +226,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
             with atomic_path(Path(args.out) / "tokenizer.json", what="tokenizer file") as partial:
                 partial.write_text(tok_json)
-    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    dtype = getattr(torch, DTYPE_NAMES[args.dtype]) if args.dtype else None
     out = save_folder(model, args.out, dtype=dtype, single_file=args.single_file,
                       max_shard_bytes=int(args.max_shard_gb * 1024**3), progress=not args.no_progress)
     copied = ["tokenizer.json"] if training else copy_tokenizer(args.ckpt, out)
@@ -251,7 +250,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="a BAGEL / UniGenDet model folder, or a training checkpoint (.ckpt "
                                                  "file or FSDP2 folder; its EMA weights)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda when a GPU is present)")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on the CPU")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPE_NAMES), help="default: bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -343,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="write a checkpoint in the BAGEL format (weights, configs, tokenizer)")
     exp.add_argument("--ckpt", required=True, help="a BAGEL / UniGenDet model folder")
     exp.add_argument("--out", required=True)
-    exp.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="cast the weights (default: as stored)")
+    exp.add_argument("--dtype", default=None, choices=sorted(DTYPE_NAMES), help="cast the weights (default: as stored)")
     exp.add_argument("--single-file", action="store_true", help="one ema.safetensors instead of shards + index")
     exp.add_argument("--max-shard-gb", type=float, default=4.0)
     exp.add_argument("--no-progress", action="store_true")

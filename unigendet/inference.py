@@ -32,8 +32,6 @@ from unigendet.model.mot import KVCache
 from unigendet.model.packing import SamplePlan, TextSplit, VAESplit, ViTSplit, pack
 from unigendet.model.unigendet import UniGenDet, unpatchify_latent
 
-DEFAULT_PROMPT = DETECTION_PROMPT
-
 #####################################################################################################
 # Results
 #####################################################################################################
@@ -110,7 +108,7 @@ class Engine:
     # detection
     # ----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def detect(self, images: list[Image.Image], *, prompt: str = DEFAULT_PROMPT, with_vae: bool = True,
+    def detect(self, images: list[Image.Image], *, prompt: str = DETECTION_PROMPT, with_vae: bool = True,
                explain: bool = True, max_new_tokens: int = 256, temperature: float = 0.0, seed: int = 0,
                use_cache: bool = True, return_logits: bool = False) -> list[Detection]:
         t0 = time.perf_counter()

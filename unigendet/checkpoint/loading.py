@@ -31,7 +31,6 @@ def safe_torch_load(path: str | Path) -> Any:
                               f"which are not loaded because they could run code ({first})") from e
 
 
-
 def load_lightning_checkpoint(path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
                               use_ema: bool = True) -> tuple[UniGenDet, LoadReport, str | None]:
     """A ``LitUniGenDet`` training checkpoint -> (network, report, tokenizer.json text or None): a ``.ckpt`` file,
@@ -78,12 +77,10 @@ def load_lightning_checkpoint(path: str | Path, *, device: str = "cpu", dtype: t
     return model, report, extra.get("tokenizer_json")
 
 
-
 def is_training_checkpoint(path: str | Path) -> bool:
     """A LitUniGenDet checkpoint: a ``.ckpt`` file, or a distributed checkpoint folder (``meta.pt`` + ``.metadata``)."""
     path = Path(path)
     return path.suffix == ".ckpt" or (path.is_dir() and (path / "meta.pt").is_file())
-
 
 
 class _DistributedTensors:
@@ -110,7 +107,6 @@ class _DistributedTensors:
         out = {"state_dict": {key: torch.empty(tuple(m.size), dtype=m.properties.dtype)}}
         dcp.load(out, checkpoint_id=str(self.folder), no_dist=True)
         return out["state_dict"][key]
-
 
 
 def load_model(folder: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,

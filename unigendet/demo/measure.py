@@ -17,7 +17,6 @@ from scipy import ndimage
 _LUMA = np.array([0.299, 0.587, 0.114])
 
 
-
 REGION_NAMES = (
     ("upper-left", "upper-middle", "upper-right"),
     ("middle-left", "central", "middle-right"),
@@ -25,13 +24,10 @@ REGION_NAMES = (
 )
 
 
-
 PERIODS = (2, 4, 8)
 
 
-
 PEAK_THRESHOLD = 8.0
-
 
 
 @dataclass
@@ -61,9 +57,7 @@ class Measurements:
     mask_stats: dict[str, float] = field(default_factory=dict)
 
 
-
 _IMMERKAER = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], dtype=np.float64)
-
 
 
 def _noise_map(y: np.ndarray) -> np.ndarray:
@@ -71,11 +65,9 @@ def _noise_map(y: np.ndarray) -> np.ndarray:
     return np.sqrt(np.pi / 2) * np.abs(ndimage.convolve(y, _IMMERKAER, mode="reflect")) / 6.0
 
 
-
 def _grid(h: int, w: int) -> list[list[tuple[slice, slice]]]:
     ys, xs = np.linspace(0, h, 4).astype(int), np.linspace(0, w, 4).astype(int)
     return [[(slice(ys[i], ys[i + 1]), slice(xs[j], xs[j + 1])) for j in range(3)] for i in range(3)]
-
 
 
 def _peak_ratios(x: np.ndarray, periods: tuple[int, ...] = PERIODS) -> tuple[dict[int, float], dict[int, str]]:
@@ -105,7 +97,6 @@ def _peak_ratios(x: np.ndarray, periods: tuple[int, ...] = PERIODS) -> tuple[dic
         {q: "diagonals" if v[2:].max() > v[:2].max() else "axes" for q, v in zip(periods, ratio, strict=True)}
 
 
-
 def _checker_score(hp: np.ndarray, sy: np.ndarray, sx: np.ndarray, mask: np.ndarray | None = None) -> float:
     """Periodogram of a high-passed region at the three Nyquist frequencies over its mean power (white noise ~ 1);
     with a boolean ``mask`` (the shape of ``hp``), over those pixels only (a region of any shape)."""
@@ -114,7 +105,6 @@ def _checker_score(hp: np.ndarray, sy: np.ndarray, sx: np.ndarray, mask: np.ndar
         hp, signs = hp[mask], [s[mask] for s in signs]
     power = (hp**2).mean() + 1e-12
     return float(max(hp.size * ((hp * s).mean()) ** 2 for s in signs) / power)
-
 
 
 def _spectral_slope(y: np.ndarray) -> float:
@@ -131,7 +121,6 @@ def _spectral_slope(y: np.ndarray) -> float:
             fs.append(np.log(r.ravel()[sel].mean()))
             ps.append(np.log(p.ravel()[sel].mean() + 1e-20))
     return float(np.polyfit(fs, ps, 1)[0]) if len(fs) > 2 else 0.0
-
 
 
 def _colour(img: np.ndarray) -> tuple[float, str, str]:
@@ -178,7 +167,6 @@ def _colour(img: np.ndarray) -> tuple[float, str, str]:
     if saturation < 0.2:
         name = "muted " + name
     return saturation, name, cast
-
 
 
 def measure(img: np.ndarray, mask: np.ndarray | None = None) -> Measurements:
@@ -235,7 +223,6 @@ def measure(img: np.ndarray, mask: np.ndarray | None = None) -> Measurements:
             "grid_in": _checker_score(hp, sy, sx, mask), "grid_out": _checker_score(hp, sy, sx, ~mask),
         }
     return m
-
 
 
 def region_name(ij: tuple[int, int]) -> str:

@@ -14,7 +14,6 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-
 def gather_per_rank(obj: Any) -> list[Any]:
     """``[obj of rank 0, obj of rank 1, ...]`` on every rank (a collective: every rank must call it)."""
     _, size = world()

@@ -38,10 +38,8 @@ def flat_metrics(results: dict[str, Any], prefix: str = "test/") -> dict[str, fl
     return out
 
 
-
 def _pct(x: float) -> str:
     return "n/a" if x != x else f"{100 * x:.1f}"
-
 
 
 def detection_figures(rows: list[dict], det: dict[str, Any], out_dir: str | os.PathLike) -> list[tuple]:
@@ -66,7 +64,6 @@ def detection_figures(rows: list[dict], det: dict[str, Any], out_dir: str | os.P
             path.unlink(missing_ok=True)
             out.append((name, title, str(e) if expected else f"{type(e).__name__}: {e}"))
     return out
-
 
 
 def markdown(results: dict[str, Any], figures: list[tuple] | None = None) -> str:
@@ -128,7 +125,6 @@ def markdown(results: dict[str, Any], figures: list[tuple] | None = None) -> str
     return "\n".join(lines) + "\n"
 
 
-
 def _collect_pngs(png_dirs: list[str], folder: Path) -> None:
     """Move the PNGs that ranks saved elsewhere (a temporary folder) into ``folder``; those already there stay."""
     for d in map(Path, png_dirs):
@@ -139,7 +135,6 @@ def _collect_pngs(png_dirs: list[str], folder: Path) -> None:
             shutil.move(str(png), folder / png.name)
         with contextlib.suppress(OSError):
             d.rmdir()
-
 
 
 def write_report(results: dict[str, Any], out_dir: str | os.PathLike) -> Path:

@@ -28,7 +28,6 @@ def head_scores(p_fake: torch.Tensor, label: torch.Tensor) -> dict[str, float]:
             "auroc": float(binary_auroc(p, fake)) if fake.min() != fake.max() else float("nan")}
 
 
-
 def label_scores(truth: list[str], pred: list[str | None]) -> dict[str, float]:
     """Accuracy and macro-F1 over {fake, real}; a None prediction is wrong (it becomes the other label)."""
     from torchmetrics.functional.classification import multiclass_f1_score
@@ -38,7 +37,6 @@ def label_scores(truth: list[str], pred: list[str | None]) -> dict[str, float]:
                       for t, q in zip(truth, pred, strict=True)])
     return {"acc": float((p == y).float().mean()),
             "f1": float(multiclass_f1_score(p, y, num_classes=2, average="macro"))}
-
 
 
 def summarize_detection(rows: list[dict]) -> dict[str, Any]:

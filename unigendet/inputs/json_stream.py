@@ -31,7 +31,6 @@ class _Malformed:
     detail: str
 
 
-
 def _first_bytes(path: Path) -> bytes:
     """The first non-whitespace bytes of ``path`` (after a UTF-8 BOM), or b"" for an empty file."""
     with open(path, "rb") as f:
@@ -43,13 +42,11 @@ def _first_bytes(path: Path) -> bytes:
     return head.lstrip()
 
 
-
 def _check_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"corpus file {path} does not exist")
     return path
-
 
 
 def _json_kind(path: Path) -> str:
@@ -66,7 +63,6 @@ def _json_kind(path: Path) -> str:
     if head[:1] == b"{":
         return "lines"
     raise CorpusError(f"{path} is neither a JSON list nor JSON Lines (starts with {head[:16]!r})")
-
 
 
 def _iter_json_list(f) -> Iterator[tuple[int, Any]]:
@@ -147,7 +143,6 @@ def _iter_json_list(f) -> Iterator[tuple[int, Any]]:
             return
 
 
-
 def _iter_json_lines(f) -> Iterator[tuple[int, Any]]:
     """Yield ``(index, object | _Malformed)`` per non-blank line of binary stream ``f``."""
     index = 0
@@ -163,7 +158,6 @@ def _iter_json_lines(f) -> Iterator[tuple[int, Any]]:
         except json.JSONDecodeError as e:
             yield index, _Malformed(f"line {n + 1}: {e.msg}")
         index += 1
-
 
 
 def iter_json_records(path: str | os.PathLike, skips: SkipCounter) -> Iterator[tuple[str, dict]]:

@@ -75,7 +75,6 @@ def iter_parquet_captions(shards: list[Path], skips: SkipCounter, image_column: 
         raise CorpusError(f"none of the {len(shards)} Parquet shards could be read")
 
 
-
 class _ParquetCellReader:
     """Random access to single cells of one Parquet file with bounded memory.
 
@@ -114,12 +113,10 @@ class _ParquetCellReader:
         return batch.column(0)[row - start].as_py()
 
 
-
 @functools.lru_cache(maxsize=16)
 def _cell_reader(path: str, pid: int) -> _ParquetCellReader:
     del pid  # part of the key: a reader opened before a DataLoader fork is not shared with the workers
     return _ParquetCellReader(path)
-
 
 
 def load_parquet_image_bytes(shard: str | os.PathLike, row: int, image_column: str = "image") -> bytes | None:

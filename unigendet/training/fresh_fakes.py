@@ -19,7 +19,6 @@ class FreshFakes:
 
     def __init__(self) -> None:
         self._plans: list[SamplePlan] = []
-        self.seen = 0  # fresh fakes trained on so far (``train/fresh_fakes_seen``)
 
     def draw(self, generate, data: TrainingData, k: int, *, n: int, px: int, steps: int) -> None:
         """Generate ``n`` images of ``px`` x ``px`` (``generate(prompts, height, width, steps, seed)``) for training
@@ -49,5 +48,4 @@ class FreshFakes:
         if not self._plans:
             return None
         plans, self._plans = self._plans, []
-        self.seen += len(plans)
         return pack(plans, cfg).to(device)

@@ -214,6 +214,7 @@ class LitUniGenDet(L.LightningModule):
             total = w.ce * losses["loss_ce"] + w.det * losses["loss_det"]
             fresh = self.fresh.batch(self.cfg, self.device)
             if fresh is not None:
+                self.counters["fresh_fakes_seen"] += len(fresh.sample_lens)
                 f = self.detection_losses(fresh)
                 losses["loss_fresh"] = w.ce * f["loss_ce"] + w.det * f["loss_det"]
                 total = total + losses["loss_fresh"]
@@ -229,7 +230,7 @@ class LitUniGenDet(L.LightningModule):
             stepped += self.update("gen", total, losses, step, stepped)
             logs.update(losses)
         self.after_updates(stepped, step)
-        return self.log_step(logs, batch, step, passes)
+        return self.log_step(logs, batch, step, passes, data)
 
     def update(self, side: str, total: Tensor, losses: dict[str, Tensor], step: int, stepped: list[str]) -> list[str]:
         """Apply ``side``'s update (:mod:`unigendet.training.updates`) unless a loss term is non-finite on some rank;
@@ -247,15 +248,15 @@ class LitUniGenDet(L.LightningModule):
         if s.diga and s.teacher == "snapshot" and step > 0 and step % s.teacher_refresh == 0:
             self.refresh_teacher()
 
-    def log_step(self, losses: dict[str, Tensor], batch, step: int, passes: list) -> dict[str, Any]:
+    def log_step(self, losses: dict[str, Tensor], batch, step: int, passes: list,
+                 data: TrainingData | None) -> dict[str, Any]:
         sch_det, sch_gen = self.lr_schedulers()
-        self.counters["fresh_fakes_seen"] = self.fresh.seen
         logs = {f"train/{k}": v.item() for k, v in losses.items() if not k.startswith("_")}
         logs.update({"train/lr_det": sch_det.get_last_lr()[0], "train/lr_gen": sch_gen.get_last_lr()[0],
                      "train/skipped_nan": self.counters["skipped_nan"],
                      "train/fresh_fakes_seen": self.counters["fresh_fakes_seen"]})
-        if self.data is not None:
-            logs.update(self.data.skip_metrics(batch))
+        if data is not None:
+            logs.update(data.skip_metrics(batch))
         self.log_dict(logs, prog_bar=False, on_step=True, batch_size=1)
         for key, name in (("train/loss_det", "det"), ("train/loss_mse", "mse")):
             if key in logs:
@@ -332,7 +333,6 @@ class LitUniGenDet(L.LightningModule):
         self.configure_model()
         counters, self._pending_rng = restore_run_state(checkpoint, self.data)
         self.counters.update(counters)
-        self.fresh.seen = self.counters["fresh_fakes_seen"]
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._pending_rng is not None:

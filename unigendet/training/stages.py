@@ -22,7 +22,6 @@ class LossWeights:
     """DIGA cosine loss (generation update)."""
 
 
-
 @dataclass
 class Stage:
     joint: bool = False

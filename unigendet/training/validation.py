@@ -12,7 +12,7 @@ from unigendet.model.packing import PackedBatch
 
 class ValidationPass:
     def __init__(self) -> None:
-        self.collected: dict[str, list] = {"p_fake": [], "label": [], "ce": [], "mse": []}
+        self.collected: dict[str, list] = {}
         self._swap = None
 
     def start(self, model, ema) -> None:
