@@ -1,24 +1,33 @@
-"""Baseline and ablations on the demo corpus at an equal budget of optimizer steps (CPU), over several seeds.
+"""The paper's claims at the demo's working point: SMSA, DIGA and co-evolution, over seeds, with a CNN baseline (CPU).
 
-Arms (each trained by a real ``python -m unigendet fit`` subprocess with the ``demo`` preset, then evaluated by
-``python -m unigendet test`` with the evaluation protocol on the test splits):
+Every arm is experiments/demo.yaml (the ``demo`` preset, its optimiser, EMA, loss weights, token budgets, the learned
+autoencoder) trained by a real ``python -m unigendet fit`` subprocess for ``--steps`` optimizer steps; the arms differ
+only in what the method changes (``model.stage.*``, ``data.with_vae``, ``data.gen.teacher``, ARM_ARGS below):
 
-* ``gduf``          - GDUF (experiments/gduf.yaml: one joint update), detection samples WITH the VAE split (SMSA);
-* ``gduf_no_smsa``  - the same without the VAE split (experiments/ablations/wo_smsa.yaml);
-* ``gen_no_diga``   - GDUF for steps/2, then steps/2 of generation-only training (detector frozen, no DIGA)
-                      from the GDUF export (``--model.init_from``);
-* ``gduf_diga``     - GDUF for steps/2, then steps/2 of DIGA (experiments/diga.yaml) from the same export;
-* ``coevolve``      - the co-evolution loop (experiments/coevolve.yaml) for steps;
-* ``cnn``           - a classic discriminative detector (timm ResNet-18, CNNSpot-style, from scratch, AdamW) on the
-                      same detection train split, for steps optimizer steps of ``--cnn-batch`` images.
+* ``gduf``          - GDUF: one joint update of all parameters per step, detection samples WITH the VAE split (SMSA);
+* ``gduf_no_smsa``  - the same without the VAE split;
+* ``gduf_diga``     - serial: GDUF for steps/2, exported (``unigendet export``), then steps/2 of DIGA (detector frozen,
+                      its snapshot the teacher) from the export (``--model.init_from``);
+* ``gen_no_diga``   - serial: the same GDUF half, then steps/2 of generation-only training (detector frozen, no DIGA);
+* ``coevolve``      - co-evolution: a detection and a generation update every step, DIGA against a snapshot
+                      refreshed every 100 steps, 4 fresh fakes from the current generator every 50 steps
+                      (experiments/coevolve.yaml's cadences);
+* ``cnn``           - a timm ResNet-18 trained from scratch (CNNSpot-style binary classifier, AdamW) on the same
+                      detection training images for the same wall time as this seed's ``gduf`` fit.
 
-Every arm uses the same optimiser settings (experiments/demo.yaml's: the papers' LRs are for fine-tuning a 7B
-model, the demo preset trains from scratch); the loss weights and schedules are each experiment file's. One JSON
-line per (arm, seed) goes to stdout and ``OUT/results.jsonl``; the Markdown table (mean ± std over seeds) goes to
-``OUT/table.md`` and stdout. FID/KID need a local Inception file (``UNIGENDET_INCEPTION_WEIGHTS``); the script
-always adds a pixel-space Fréchet distance on 32x32 thumbnails (``pixel_fd32``), which needs no weights.
+Every model arm is scored the same way (``evaluate_model``): the head on every detection test image; explanations for a
+label-balanced panel (ROUGE-L, verdict accuracy); ``--fd-prompts`` held-out captions generated at 32 px, their
+Fréchet distance to the held-out real images in the features of a network trained here on the corpus' real images
+(``unigendet.demo.feature_net``, ``feat_fd``), the hand-made ``fd_features`` distance of ``make demo`` (``demo_fd``),
+FID and KID when ``UNIGENDET_INCEPTION_WEIGHTS`` names the Inception file, and the arm's own detector's mean p(fake)
+on its generated images. Validation every 250 steps and the training losses go to a CSV log per run (the curves).
 
-    python bench/reproduce.py --work /tmp/repro --out bench-out/repro          # the table (3 seeds)
+One JSON line per (arm, seed) goes to stdout and ``OUT/results.jsonl``. A rerun with the same OUT resumes: rows already
+there are kept (their settings must match) and only missing (arm, seed) pairs run. ``bench/reproduce_report.py`` turns
+the rows into the table, the paired differences with their verdicts and the learning-curve PNG.
+
+    python bench/reproduce.py --work repro-run --out repro-run/out     # 6 arms x 3 seeds, ~3.5 h on 2 cores
+    python bench/reproduce_report.py --out repro-run/out               # table.md, claims.md, curves.png
     python bench/reproduce.py --smoke --arms gduf cnn --work /tmp/w --out /tmp/o
 """
 
@@ -36,13 +45,21 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-EXPERIMENTS = REPO / "experiments"
-ARMS = ("gduf", "gduf_no_smsa", "gen_no_diga", "gduf_diga", "coevolve", "cnn")
-# experiments/demo.yaml's optimiser and EMA, shared by every arm
-OPTIM = ["--model.ema_decay=0.95", "--model.optim.lr_det=2.0e-3", "--model.optim.lr_gen=1.0e-3",
-         "--model.optim.weight_decay=0.01", "--model.optim.schedule=cosine"]
-THUMB = 32  # pixel-space Fréchet distance on THUMBxTHUMB thumbnails
-CNN_PX = 64  # the CNN sees a centre crop of this size (every corpus image is >= 64 px per side): no resampling
+DEMO_YAML = REPO / "experiments" / "demo.yaml"
+ARMS = ("gduf", "gduf_no_smsa", "gduf_diga", "gen_no_diga", "coevolve", "cnn")
+SERIAL = ("gduf_diga", "gen_no_diga")
+_DIGA = ["--model.stage.diga=true", "--model.stage.diga_layer=2", "--data.gen.teacher=true"]  # demo preset: 4 layers
+ARM_ARGS = {
+    "gduf": ["--model.stage.joint=true", "--data.with_vae=true"],
+    "gduf_no_smsa": ["--model.stage.joint=true", "--data.with_vae=false"],
+    "gduf_diga": ["--model.stage.train_det=false", *_DIGA, "--model.stage.teacher=frozen"],
+    "gen_no_diga": ["--model.stage.train_det=false", "--model.stage.diga=false"],
+    "coevolve": [*_DIGA, "--model.stage.teacher=snapshot", "--model.stage.teacher_refresh=100",
+                 "--model.stage.fresh_fakes_every=50", "--model.stage.fresh_fakes=4", "--model.stage.fresh_fake_px=48",
+                 "--model.stage.fresh_fake_steps=10"],
+}
+CNN_PX = 32  # the CNN sees a centre crop of this size (every corpus image is >= 32 px per side): no resampling
+FD_PX = 32  # generated side for the Fréchet distances (the corpus' smallest side)
 
 
 #####################################################################################################
@@ -61,126 +78,123 @@ def _sh(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - t0
 
 
-def _configs(*names: str) -> list[str]:
-    return [f"--config={EXPERIMENTS / n}" for n in ("base.yaml", "gduf.yaml", *names)]
-
-
-def arm_args(arm: str, stage: str, steps: int) -> list[str]:
-    """CLI arguments of one training stage ("gduf" = the GDUF half of the serial arms)."""
-    if stage == "gduf":
-        arm = "gduf"
-    diga_stage = ["--model.stage.diga_layer=2", "--model.stage.teacher=frozen"]  # demo preset: 4 layers
-    return {
-        "gduf": _configs() + ["--data.with_vae=true"],
-        "gduf_no_smsa": _configs("ablations/wo_smsa.yaml"),
-        "gduf_diga": _configs("diga.yaml") + diga_stage,
-        "gen_no_diga": _configs("diga.yaml") + diga_stage + ["--model.stage.diga=false",
-                                                             "--data.gen.teacher=false"],
-        # the co-evolution cadences, scaled from a 1000-step run to this budget; fresh fakes at the corpus' size
-        "coevolve": _configs("coevolve.yaml") + [
-            f"--model.stage.teacher_refresh={max(1, steps // 10)}",
-            f"--model.stage.fresh_fakes_every={max(1, steps // 20)}", "--model.stage.fresh_fakes=2",
-            "--model.stage.fresh_fake_px=64", "--model.stage.fresh_fake_steps=10"],
-    }[arm]
-
-
-def common_args(corpus: Path, root: Path, steps: int, seed: int) -> list[str]:
+def fit_args(arm: str, corpus: Path, ae: Path, root: Path, steps: int, seed: int, val_every: int,
+             init_from: Path | None) -> list[str]:
+    """The ``unigendet fit`` command line of one training run: demo.yaml, then this run's paths, seed and length, then
+    the arm's stage."""
+    trainer_cfg = root / "trainer.yaml"  # a later config's list replaces demo.yaml's callbacks
+    trainer_cfg.write_text(json.dumps({"trainer": {
+        "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                   "init_args": {"save_dir": str(root), "name": "csv", "version": 0}},
+        "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                       "init_args": {"dirpath": str(root / "ckpt"), "save_last": True, "save_top_k": 0,
+                                     "monitor": None}}]}}))
     det, t2i = corpus / "detection", corpus / "t2i"
-    trainer_cfg = root / "trainer.yaml"
-    trainer_cfg.write_text(json.dumps({"trainer": {"callbacks": [
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-         "init_args": {"dirpath": str(root / "ckpt"), "save_last": True, "save_top_k": 0, "monitor": None}}]}}))
-    return [f"--config={trainer_cfg}", "--model.model_name=demo", *OPTIM,
-            f"--model.optim.warmup_steps={max(1, steps // 15)}",  # demo.yaml: 20 of 300
+    return [sys.executable, "-m", "unigendet", "fit", f"--config={DEMO_YAML}", f"--config={trainer_cfg}",
+            f"--trainer.default_root_dir={root}", f"--trainer.max_steps={steps}",
+            f"--trainer.val_check_interval={val_every}", "--trainer.enable_progress_bar=false",
             # the seed must reach the model (init, noise) and the data (order): seed_everything alone reaches neither
             f"--seed_everything={seed}", f"--model.seed={seed}", f"--data.seed={seed}",
-            f"--trainer.max_steps={steps}", "--trainer.accelerator=cpu",
-            "--trainer.devices=1", "--trainer.logger=false", "--trainer.limit_val_batches=0",
-            "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}",
+            f"--model.init_ae_from={ae}", f"--model.init_from={init_from or 'null'}",
             f"--data.train={det / 'train.json'}", f"--data.val={det / 'val.json'}",
-            f"--data.tokenizer={corpus / 'tokenizer.json'}", "--data.image_root=null", "--data.num_workers=1",
-            "--data.token_budget=2048", f"--data.gen.train={t2i / 'train.jsonl'}",
-            f"--data.gen.val={t2i / 'val.jsonl'}", "--data.gen.token_budget=1024", "--data.gen.image_column=image",
-            "--data.gen.caption_column=caption"]
+            f"--data.tokenizer={corpus / 'tokenizer.json'}", f"--data.gen.train={t2i / 'train.jsonl'}",
+            f"--data.gen.val={t2i / 'val.jsonl'}", *ARM_ARGS[arm]]
 
 
-def fit(arm: str, stage: str, corpus: Path, root: Path, steps: int, seed: int, init_from: Path | None) -> float:
+def fit(arm: str, corpus: Path, ae: Path, root: Path, steps: int, seed: int, val_every: int,
+        init_from: Path | None = None) -> float:
+    """Train one run (``root/ckpt/last.ckpt``, ``root/csv/version_0/metrics.csv``); returns its wall seconds. A run
+    whose ``root/done`` exists is not trained again (resume)."""
+    done = root / "done"
+    if done.exists():
+        return float(json.loads(done.read_text())["seconds"])
     root.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "unigendet", "fit", *arm_args(arm, stage, steps),
-           *common_args(corpus, root, steps, seed), f"--model.init_from={init_from or 'null'}"]
-    return _sh(cmd, root / "fit.log")
+    seconds = _sh(fit_args(arm, corpus, ae, root, steps, seed, val_every, init_from), root / "fit.log")
+    done.write_text(json.dumps({"seconds": seconds}))
+    return seconds
 
 
-def export(ckpt: Path, out: Path) -> float:
-    return _sh([sys.executable, "-m", "unigendet", "export", "--ckpt", str(ckpt), "--out", str(out)],
-               out.parent / "export.log")
-
-
-def test(arm: str, corpus: Path, root: Path, steps: int, seed: int, ev: dict) -> dict:
-    out = root / "eval"
-    cmd = [sys.executable, "-m", "unigendet", "test", *arm_args(arm, arm, steps),
-           *common_args(corpus, root, steps, seed), "--model.init_from=null",
-           f"--data.test={corpus / 'detection/test.json'}", f"--data.gen.test={corpus / 't2i/test.jsonl'}",
-           "--trainer.limit_test_batches=4", f"--model.evaluation.max_images={ev['images']}",
-           f"--model.evaluation.max_new_tokens={ev['max_new_tokens']}",
-           f"--model.evaluation.max_prompts={ev['prompts']}", f"--model.evaluation.gen_px={ev['px']}",
-           f"--model.evaluation.gen_steps={ev['gen_steps']}", "--model.evaluation.batch_size=8",
-           f"--model.evaluation.seed={seed}", f"--model.evaluation.out_dir={out}",
-           f"--ckpt_path={root / 'ckpt' / 'last.ckpt'}"]
-    _sh(cmd, root / "test.log")
-    return json.loads((out / "results.json").read_text())
+def export(ckpt: Path, out: Path) -> None:
+    marker = out.parent / "exported"
+    if not marker.exists():
+        _sh([sys.executable, "-m", "unigendet", "export", "--ckpt", str(ckpt), "--out", str(out), "--no-progress"],
+            out.parent / "export.log")
+        marker.touch()
 
 
 #####################################################################################################
-# metrics computed here
+# scoring a trained model
 #####################################################################################################
 
 
-def thumbnails(images) -> np.ndarray:
-    """(N, THUMB*THUMB*3) in [0, 1]: centre square crop, bicubic resize."""
-    from PIL import Image
+class Reference:
+    """What every arm is scored against, built once per work folder: the held-out real images, their features in the
+    feature network (trained here on the real training images, kept in ``work/feature_net.safetensors``) and in
+    ``fd_features``, and the prompts."""
 
-    rows = []
-    for img in images:
-        img = img.convert("RGB")
-        side = min(img.size)
-        left, top = (img.width - side) // 2, (img.height - side) // 2
-        img = img.crop((left, top, left + side, top + side)).resize((THUMB, THUMB), Image.BICUBIC)
-        rows.append(np.asarray(img, dtype=np.float64).reshape(-1) / 255.0)
-    return np.stack(rows)
+    def __init__(self, corpus: Path, work: Path, n_prompts: int) -> None:
+        from unigendet.demo import feature_net as fn
+        from unigendet.demo.metrics import fd_features, frechet_distance
+        from unigendet.inputs.records import open_t2i_images
+        from unigendet.inputs.skips import SkipCounter
+
+        path = work / "feature_net.safetensors"
+        if path.exists():
+            self.net, self.net_report = fn.load_feature_net(path)
+        else:
+            self.net, self.net_report = fn.train_feature_net(corpus, seed=0)
+            fn.save_feature_net(self.net, self.net_report, path)
+        test = open_t2i_images(corpus / "t2i" / "test.jsonl", SkipCounter())
+        val = open_t2i_images(corpus / "t2i" / "val.jsonl", SkipCounter())
+        self.real = [img for _, img in test]
+        self.prompts = [p for p, _ in test[:n_prompts]]
+        self.feat = fn.features(self.net, self.real)
+        self.demo_feat = fd_features(self.real)
+        # the floor: as many held-out real images of the val split as there are generated ones, against test
+        floor = [img for _, img in val[:n_prompts]]
+        self.floor = {"feat_fd": frechet_distance(fn.features(self.net, floor), self.feat),
+                      "demo_fd": frechet_distance(fd_features(floor), self.demo_feat)}
+
+    def scores(self, images: list) -> dict:
+        from unigendet.demo import feature_net as fn
+        from unigendet.demo.metrics import fd_features, frechet_distance
+
+        return {"feat_fd": frechet_distance(fn.features(self.net, images), self.feat),
+                "demo_fd": frechet_distance(fd_features(images), self.demo_feat)}
 
 
-def frechet(a: np.ndarray, b: np.ndarray) -> float:
-    """Fréchet distance of Gaussians fitted to the rows of a and b. With fewer samples than dimensions the
-    covariances are low-rank: Tr sqrt(Sa Sb) is the nuclear norm of Ac Bc^T / sqrt((n-1)(m-1)) (exact)."""
-    ca, cb = a - a.mean(0), b - b.mean(0)
-    n, m = len(a), len(b)
-    cross = np.linalg.svd(ca @ cb.T, compute_uv=False).sum() / math.sqrt((n - 1) * (m - 1))
-    tr_a, tr_b = (ca ** 2).sum() / (n - 1), (cb ** 2).sum() / (m - 1)
-    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + tr_a + tr_b - 2 * cross)
+def inception_scores(real: list, fake: list) -> dict:
+    """FID / KID when ``UNIGENDET_INCEPTION_WEIGHTS`` names the Inception file, else a note."""
+    weights = os.environ.get("UNIGENDET_INCEPTION_WEIGHTS")
+    if not weights:
+        return {"fid": None, "kid": None, "fid_note": "n/a (UNIGENDET_INCEPTION_WEIGHTS not set)"}
+    from unigendet.evaluation.fidelity import fidelity_metrics
+
+    m = fidelity_metrics(real, fake, weights, isc=False, kid_subset_size=min(len(real), len(fake)))
+    return {"fid": m["fid"], "kid": m["kid_mean"], "fid_note": None}
 
 
-def pixel_fd(corpus: Path, eval_dir: Path, n: int) -> float:
-    from PIL import Image
+def evaluate_model(ckpt: Path, corpus: Path, out: Path, ref: Reference, seed: int, panel: int, gen_steps: int,
+                   with_vae: bool) -> dict:
+    """The demo's held-out evaluation (``unigendet.demo.runner.evaluate``: the head on every test image, explanations
+    for a balanced panel), detection samples with the VAE split as the arm trained, plus generation scores for the
+    reference prompts."""
+    from unigendet.demo.runner import evaluate
 
-    pngs = sorted((eval_dir / "generated").glob("*.png"))
-    recs = [json.loads(line) for line in (corpus / "t2i" / "test.jsonl").read_text().splitlines()[:len(pngs)]]
-    real = [Image.open(corpus / "t2i" / r["image_path"]) for r in recs]
-    if len(pngs) < 2:
-        return float("nan")
-    return frechet(thumbnails(real), thumbnails(Image.open(p) for p in pngs))
-
-
-def model_row(results: dict, corpus: Path, eval_dir: Path) -> dict:
-    det, gen = results.get("detection", {}), results.get("generation", {})
-    fid = gen.get("fidelity") or {}
-    return {"head_acc": det["head"]["acc"], "head_f1": det["head"]["f1"], "head_auroc": det["head"]["auroc"],
-            "text_acc": det.get("text", {}).get("acc"), "text_f1": det.get("text", {}).get("f1"),
-            "rouge_l": det.get("rouge_l"), "css": det.get("css"), "n_images": det["n"],
-            "fid": fid.get("fid"), "kid": fid.get("kid_mean"),
-            "fid_note": fid.get("not_computed") and "n/a (no Inception weights)",
-            "pixel_fd32": pixel_fd(corpus, eval_dir, gen.get("n", 0)), "gen_p_fake": gen.get("p_fake_mean"),
-            "n_generated": gen.get("n")}
+    metrics, pipe = evaluate(ckpt, corpus, out, panel, seed, with_vae=with_vae)
+    images = pipe.generate(ref.prompts, height=FD_PX, width=FD_PX, steps=gen_steps, seed=seed)
+    p_fake = [d.p_fake for i in range(0, len(images), 16)
+              for d in pipe.detect(images[i: i + 16], explain=False, with_vae=with_vae)]
+    (out / "generated").mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images[:16]):
+        img.save(out / "generated" / f"{i:03d}.png")
+    return {"head_acc": metrics["heldout_acc"], "head_f1": metrics["heldout_f1"],
+            "head_auroc": metrics["heldout_auroc"], "per_family": metrics["per_family"],
+            "rouge_l": metrics["heldout_rouge_l"], "verdict_acc": metrics["verdict_acc"],
+            "n_images": metrics["heldout_images"], "n_explained": metrics["explained"],
+            **ref.scores(images), **inception_scores(ref.real, images),
+            "gen_p_fake": float(np.mean(p_fake)), "gen_judged_fake": float(np.mean([p >= 0.5 for p in p_fake])),
+            "n_generated": len(images)}
 
 
 #####################################################################################################
@@ -198,39 +212,46 @@ def _cnn_tensor(img):
 
 
 def _cnn_split(corpus: Path, split: str, limit: int | None = None):
-    """(x, y, ids) of a detection split; y = 1 for fake (the positive class), as the protocol scores it."""
+    """(x, y, ids, families) of a detection split; y = 1 for fake (the positive class), as the protocol scores it."""
     import torch
 
     from unigendet.inputs.images import open_image
     from unigendet.inputs.skips import SkipCounter
 
     recs = json.loads((corpus / "detection" / f"{split}.json").read_text())[:limit]
-    xs, ys, ids, skips = [], [], [], SkipCounter()
+    xs, ys, ids, fams, skips = [], [], [], [], SkipCounter()
     for i, rec in enumerate(recs):
         img = open_image(rec["image"], skips, f"{split}.json:{i}", root=corpus / "detection")
         if img is not None:
             xs.append(_cnn_tensor(img))
             ys.append(int(rec["label"] == 0))
             ids.append(i)
-    return torch.stack(xs), torch.tensor(ys), ids
+            fams.append(str(rec.get("cate", "real" if rec["label"] == 1 else "fake")))
+    if skips.counts:
+        print(f"[reproduce] cnn: skipped {split} records: {dict(skips.counts)}", file=sys.stderr)
+    return torch.stack(xs), torch.tensor(ys), ids, fams
 
 
-def cnn_arm(corpus: Path, root: Path, steps: int, seed: int, batch: int, eval_images: int) -> dict:
+def cnn_arm(corpus: Path, root: Path, seconds: float, seed: int, batch: int) -> dict:
+    """Train for ``seconds`` of wall time (the learning rate decays on a cosine of the elapsed fraction), then score
+    every detection test image with the protocol's summary (``detection_summary``)."""
     import timm
     import torch
-    from torchmetrics.functional.classification import binary_auroc, multiclass_f1_score
+
+    from unigendet.evaluation.scores import detection_summary
 
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    x, y, _ = _cnn_split(corpus, "train")
+    x, y, _, _ = _cnn_split(corpus, "train")
     model = timm.create_model("resnet18", pretrained=False, num_classes=2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     g = torch.Generator().manual_seed(seed)
-    order, pos = torch.randperm(len(x), generator=g), 0
+    order, pos, steps = torch.randperm(len(x), generator=g), 0, 0
     t0 = time.perf_counter()
     model.train()
-    for _ in range(steps):
+    while (elapsed := time.perf_counter() - t0) < seconds:
+        for group in opt.param_groups:
+            group["lr"] = 1e-3 * 0.5 * (1 + math.cos(math.pi * elapsed / seconds))
         if pos + batch > len(order):
             order, pos = torch.randperm(len(x), generator=g), 0
         idx = order[pos: pos + batch]
@@ -239,132 +260,120 @@ def cnn_arm(corpus: Path, root: Path, steps: int, seed: int, batch: int, eval_im
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
+        steps += 1
     train_s = time.perf_counter() - t0
-    xt, yt, ids = _cnn_split(corpus, "test", eval_images)
+    xt, yt, ids, fams = _cnn_split(corpus, "test")
     model.eval()
     with torch.no_grad():
         p_fake = torch.cat([model(xt[i: i + 64]).softmax(-1)[:, 1] for i in range(0, len(xt), 64)])
-    pred = (p_fake >= 0.5).long()
     with open(root / "predictions.jsonl", "w") as f:
         for i, p, t in zip(ids, p_fake.tolist(), yt.tolist(), strict=True):
             f.write(json.dumps({"index": i, "p_fake": p, "pred": "fake" if p >= 0.5 else "real",
                                 "label": "fake" if t else "real"}) + "\n")
-    return {"head_acc": float((pred == yt).float().mean()),
-            "head_f1": float(multiclass_f1_score(pred, yt, num_classes=2, average="macro")),
-            "head_auroc": float(binary_auroc(p_fake, yt)) if 0 < int(yt.sum()) < len(yt) else float("nan"),
-            "n_images": len(yt), "train_loss_last": float(loss.detach()), "train_seconds": round(train_s, 1),
+    # detection_summary takes the corpus' labels (0 = fake, 1 = real)
+    head = detection_summary(p_fake, 1 - yt, fams)
+    return {"head_acc": head["acc"], "head_f1": head["f1"],
+            "head_auroc": None if math.isnan(head["auroc"]) else head["auroc"],
+            "per_family": {k: m["acc"] for k, m in head["per_category"].items()}, "n_images": len(yt),
+            "train_loss_last": float(loss.detach()), "train_seconds": round(train_s, 1), "cnn_steps": steps,
             "batch": batch, "px": CNN_PX, "predictions": str(root / "predictions.jsonl")}
 
 
 #####################################################################################################
-# arms, table
+# arms
 #####################################################################################################
 
 
-def run_arm(arm: str, seed: int, corpus: Path, work: Path, steps: int, ev: dict, args) -> dict:
-    root = work / f"seed{seed}" / arm
+def run_arm(arm: str, seed: int, ctx: dict, args) -> dict:
+    seed_dir = ctx["work"] / f"seed{seed}"
+    root = seed_dir / arm
     t0 = time.perf_counter()
     if arm == "cnn":
-        metrics = cnn_arm(corpus, root, steps, seed, args.cnn_batch, ev["images"])
-        train = f"{steps} AdamW steps x {args.cnn_batch} images"
+        budget = ctx["gduf_seconds"].get(seed) or args.cnn_seconds
+        metrics = cnn_arm(ctx["corpus"], root, budget, seed, args.cnn_batch)
+        return {"arm": arm, "seed": seed, "training": f"{metrics['cnn_steps']} AdamW steps x {args.cnn_batch} images "
+                f"in {budget:.0f} s (this seed's gduf fit)", **metrics, "fit_s": metrics["train_seconds"],
+                "wall_s": round(time.perf_counter() - t0, 1)}
+    steps, common = args.steps, (ctx["corpus"], ctx["ae"])
+    fit_s, init, curves = 0.0, None, []
+    if arm in SERIAL:  # the shared GDUF half, exported once per seed
+        half = seed_dir / "gduf_half"
+        fit_s += fit("gduf", *common, half, steps - steps // 2, seed, args.val_every)
+        export(half / "ckpt" / "last.ckpt", half / "export")
+        init, curves = half / "export", [str(half / "csv" / "version_0" / "metrics.csv")]
+        steps = steps // 2
+        training = f"GDUF {args.steps - steps} steps, then {steps} from its export"
     else:
-        init = None
-        if arm in ("gduf_diga", "gen_no_diga"):  # serial: the shared GDUF half, exported once per seed
-            half = work / f"seed{seed}" / "gduf_half"
-            if not (half / "exported").exists():
-                fit("gduf", "gduf", corpus, half, steps - steps // 2, seed, None)
-                export(half / "ckpt" / "last.ckpt", half / "export")
-                (half / "exported").touch()
-            init = half / "export"
-            stage_steps = steps // 2
-            train = f"GDUF {steps - steps // 2} steps, then {stage_steps} from its export (--model.init_from)"
-        else:
-            stage_steps, train = steps, f"{steps} steps"
-        fit(arm, arm, corpus, root, stage_steps, seed, init)
-        results = test(arm, corpus, root, stage_steps, seed, ev)
-        metrics = model_row(results, corpus, root / "eval")
-    return {"arm": arm, "seed": seed, "steps": steps, "training": train, **metrics,
+        training = f"{steps} steps"
+    fit_s += fit(arm, *common, root, steps, seed, args.val_every, init)
+    curves.append(str(root / "csv" / "version_0" / "metrics.csv"))
+    metrics = evaluate_model(root / "ckpt" / "last.ckpt", ctx["corpus"], root / "eval", ctx["ref"], seed,
+                             args.panel, args.gen_steps, with_vae=arm != "gduf_no_smsa")
+    return {"arm": arm, "seed": seed, "training": training, **metrics, "fit_s": round(fit_s, 1), "curves": curves,
             "wall_s": round(time.perf_counter() - t0, 1)}
 
 
-TABLE_COLUMNS = (("head_acc", "head Acc"), ("head_f1", "head F1"), ("head_auroc", "AUROC"), ("text_acc", "text Acc"),
-                 ("text_f1", "text F1"), ("rouge_l", "ROUGE-L"), ("css", "CSS"), ("fid", "FID"),
-                 ("pixel_fd32", "pixel FD (32 px)"), ("gen_p_fake", "p(fake) on generated"), ("wall_s", "wall s"))
+SETTINGS = ("steps", "val_every", "panel", "fd_prompts", "gen_steps", "cnn_batch", "corpus_seed", "small_corpus")
 
 
-def mean_std(values: list) -> tuple[float, float, int] | None:
-    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not vals:
-        return None
-    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, len(vals)
-
-
-def table(rows: list[dict]) -> str:
-    arms = list(dict.fromkeys(r["arm"] for r in rows))
-    lines = ["| arm | seeds | " + " | ".join(t for _, t in TABLE_COLUMNS) + " |",
-             "|---|---|" + "---:|" * len(TABLE_COLUMNS)]
-    for arm in arms:
-        sub = [r for r in rows if r["arm"] == arm]
-        cells = []
-        for key, _ in TABLE_COLUMNS:
-            ms = mean_std([r.get(key) for r in sub])
-            if ms is None:
-                note = next((r.get("fid_note") for r in sub if r.get("fid_note")), None) if key == "fid" else None
-                cells.append(note or "–")
-            else:
-                digits = 1 if key in ("wall_s", "fid", "pixel_fd32") else 3
-                cells.append(f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}")
-        seeds = ",".join(str(r["seed"]) for r in sub)
-        lines.append(f"| {arm} | {seeds} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def read_rows(path: Path, settings: dict) -> list[dict]:
+    """The rows of an earlier (partial) run; refuses rows made with other settings."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for row in rows:
+        if row.get("settings") != settings:
+            raise SystemExit(f"{path} holds rows made with other settings ({row.get('settings')}, now {settings}): "
+                             "give another --out, or the same settings")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=40, help="optimizer steps per arm (serial arms: split in halves)")
+    ap.add_argument("--steps", type=int, default=1000, help="optimizer steps per arm (serial arms: split in halves)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
-    ap.add_argument("--work", default="repro-run", help="corpus and runs")
-    ap.add_argument("--out", default="repro-run/out", help="results.jsonl and table.md")
-    ap.add_argument("--eval-images", type=int, default=64, help="first N detection test records (all arms)")
-    ap.add_argument("--eval-prompts", type=int, default=32, help="first N text-to-image test captions")
-    ap.add_argument("--gen-px", type=int, default=64)
-    ap.add_argument("--gen-steps", type=int, default=10)
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--cnn-batch", type=int, default=8, help="~ the detection images in one 2,048-token pack")
+    ap.add_argument("--work", default="repro-run", help="corpus, autoencoder, feature network and runs")
+    ap.add_argument("--out", default="repro-run/out", help="results.jsonl")
+    ap.add_argument("--val-every", type=int, default=250)
+    ap.add_argument("--panel", type=int, default=32, help="held-out images whose explanation is decoded")
+    ap.add_argument("--fd-prompts", type=int, default=128, help="held-out captions generated for the distances")
+    ap.add_argument("--gen-steps", type=int, default=25)
+    ap.add_argument("--cnn-batch", type=int, default=32)
+    ap.add_argument("--cnn-seconds", type=float, default=500.0, help="CNN budget when this seed has no gduf row")
     ap.add_argument("--corpus-seed", type=int, default=0)
     ap.add_argument("--small-corpus", action="store_true")
-    ap.add_argument("--smoke", action="store_true", help="1 seed, 2 steps, tiny evaluation, small corpus (tests)")
+    ap.add_argument("--smoke", action="store_true", help="1 seed, 4 steps, tiny scoring, small corpus (tests)")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.seeds, args.steps, args.small_corpus = args.seeds[:1], 2, True
-        args.eval_images, args.eval_prompts, args.gen_px, args.gen_steps, args.max_new_tokens = 6, 3, 32, 2, 4
-    from unigendet.demo.runner import build_corpus
+        args.seeds, args.steps, args.small_corpus, args.val_every = args.seeds[:1], 4, True, 2
+        args.panel, args.fd_prompts, args.gen_steps, args.cnn_seconds = 4, 6, 2, 5.0
+    from unigendet.demo.runner import build_autoencoder, build_corpus
 
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
+    settings = {k: getattr(args, k) for k in SETTINGS}
+    rows = read_rows(out / "results.jsonl", settings)
+    done = {(r["arm"], r["seed"]) for r in rows}
     corpus = build_corpus(work, args.corpus_seed, args.small_corpus)
-    ev = {"images": args.eval_images, "prompts": args.eval_prompts, "px": args.gen_px, "gen_steps": args.gen_steps,
-          "max_new_tokens": args.max_new_tokens}
-    rows = []
-    t0 = time.perf_counter()
-    with open(out / "results.jsonl", "w") as f:
+    ctx = {"work": work, "corpus": corpus, "ae": build_autoencoder(work, corpus, args.corpus_seed),
+           "ref": Reference(corpus, work, args.fd_prompts),
+           "gduf_seconds": {r["seed"]: r["fit_s"] for r in rows if r["arm"] == "gduf"}}
+    (out / "reference.json").write_text(json.dumps({"feature_net": ctx["ref"].net_report, "floor": ctx["ref"].floor,
+                                                    "settings": settings}, indent=1))
+    with open(out / "results.jsonl", "a") as f:
         for seed in args.seeds:
             for arm in args.arms:
-                row = run_arm(arm, seed, corpus, work, args.steps, ev, args)
-                rows.append(row)
+                if (arm, seed) in done:
+                    continue
+                row = {**run_arm(arm, seed, ctx, args), "settings": settings}
+                if arm == "gduf":
+                    ctx["gduf_seconds"][seed] = row["fit_s"]
                 line = json.dumps(row)
                 print(line, flush=True)
                 f.write(line + "\n")
                 f.flush()
-    md = (f"{args.steps} optimizer steps per arm, seeds {' '.join(map(str, args.seeds))}, mean ± std (n-1) over "
-          f"seeds; detection on the first {args.eval_images} test images, generation of {args.eval_prompts} test "
-          f"captions at {args.gen_px} px, {args.gen_steps} steps; total {time.perf_counter() - t0:.0f} s.\n\n"
-          + table(rows))
-    (out / "table.md").write_text(md)
-    print(md)
     return 0
 
 

@@ -87,7 +87,9 @@ def train(out: Path, corpus: Path, config: Path, extra: list[str]) -> tuple[Path
     return ckpt, seconds, wandb_dir
 
 
-def evaluate(ckpt: Path, corpus: Path, out: Path, panel: int, seed: int) -> tuple[dict, object]:
+def evaluate(ckpt: Path, corpus: Path, out: Path, panel: int, seed: int, with_vae: bool = True) -> tuple[dict, object]:
+    """Held-out detection (the head on every test image), explanations for a label-balanced ``panel`` (ROUGE-L,
+    verdicts); ``with_vae``: detection samples with the clean VAE split, as the run was trained (SMSA)."""
     import math
 
     import torch
@@ -112,7 +114,7 @@ def evaluate(ckpt: Path, corpus: Path, out: Path, panel: int, seed: int) -> tupl
             families.append(str(rec.get("cate", "real" if rec["label"] == 1 else "fake")))
     p_fake = []
     for i in range(0, len(images), 16):
-        p_fake += [r.p_fake for r in pipe.detect(images[i: i + 16], explain=False)]
+        p_fake += [r.p_fake for r in pipe.detect(images[i: i + 16], explain=False, with_vae=with_vae)]
     # the metrics' one definition (val/, test/, the callbacks); AUROC is null when the split holds one class only
     head = detection_summary(torch.tensor(p_fake), torch.tensor(labels), families)
     # explanations for a fixed, label-balanced panel
@@ -121,7 +123,7 @@ def evaluate(ckpt: Path, corpus: Path, out: Path, panel: int, seed: int) -> tupl
     chosen = [i for i in order if labels[i] == 0][: panel // 2] + [i for i in order if labels[i] == 1][: panel // 2]
     explained = []
     for i in range(0, len(chosen), 8):
-        explained += pipe.detect([images[j] for j in chosen[i: i + 8]], max_new_tokens=160)
+        explained += pipe.detect([images[j] for j in chosen[i: i + 8]], max_new_tokens=160, with_vae=with_vae)
     rouge = ROUGEScore(rouge_keys=("rougeL",), use_stemmer=True)  # F, stemmed: the protocol's ROUGE-L
     score = rouge([r.explanation for r in explained], [refs[j] for j in chosen])
     verdicts = verdict_scores([r.explanation for r in explained],
