@@ -198,7 +198,8 @@ def curves_png(rows: list[dict], path: Path) -> Path | None:
             if window > 1 and len(ys) > window:
                 ys = np.convolve(ys, np.ones(window) / window, mode="valid")
                 grid = grid[window - 1:]
-            ax.plot(grid, ys, marker="o" if key.startswith("val") else None, label=f"{arm} ({len(runs)} seeds)")
+            seeds = f"{len(runs)} seed" + ("s" if len(runs) > 1 else "")
+            ax.plot(grid, ys, marker="o" if key.startswith("val") else None, label=f"{arm} ({seeds})")
     axes[0].set(title="validation AUROC (EMA weights)", xlabel="step", ylabel="AUROC")
     axes[1].set(title="training flow-matching MSE (moving average)", xlabel="step", ylabel="loss")
     for ax in axes:
