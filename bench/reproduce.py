@@ -37,6 +37,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -104,11 +105,13 @@ def fit_args(arm: str, corpus: Path, ae: Path, root: Path, steps: int, seed: int
 def fit(arm: str, corpus: Path, ae: Path, root: Path, steps: int, seed: int, val_every: int,
         init_from: Path | None = None) -> float:
     """Train one run (``root/ckpt/last.ckpt``, ``root/csv/version_0/metrics.csv``); returns its wall seconds. A run
-    whose ``root/done`` exists is not trained again (resume)."""
+    whose ``root/done`` exists is not trained again (resume); one cut off part-way is trained again from the start."""
     done = root / "done"
     if done.exists():
         return float(json.loads(done.read_text())["seconds"])
-    root.mkdir(parents=True, exist_ok=True)
+    if root.exists():  # a run cut off part-way: its checkpoints and logs would mix with the new ones
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
     seconds = _sh(fit_args(arm, corpus, ae, root, steps, seed, val_every, init_from), root / "fit.log")
     done.write_text(json.dumps({"seconds": seconds}))
     return seconds
