@@ -106,6 +106,9 @@ def test_smoke_run_writes_rows_resumes_and_leaves_recomputable_cnn_predictions(t
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "bench/reproduce.py", "--smoke", "--arms", "gduf", "gduf_no_smsa", "gduf_diga", "cnn",
            "--work", str(work), "--out", str(out)]
+    stale = work / "seed0" / "gduf" / "ckpt" / "last.ckpt"  # left by a run cut off part-way: must not be scored
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"not a checkpoint")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
