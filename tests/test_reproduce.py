@@ -32,13 +32,13 @@ def _cell_means(table_md: str) -> dict[str, dict[str, float]]:
 
 
 def test_table_means_and_spread_are_the_rows():
-    rows = [{"arm": "a", "seed": s, "head_acc": acc, "wall_s": w, "fid": None, "fid_note": "n/a (no weights)"}
+    rows = [{"arm": "a", "seed": s, "head_acc": acc, "fit_s": w, "fid": None, "fid_note": "n/a (no weights)"}
             for s, acc, w in ((0, 0.5, 10.0), (1, 0.75, 20.0), (2, 0.6, 30.0))]
-    md = report.table(rows + [{"arm": "b", "seed": 0, "head_acc": float("nan"), "wall_s": 1.0}])
+    md = report.table(rows + [{"arm": "b", "seed": 0, "head_acc": float("nan"), "fit_s": 1.0}])
     means = _cell_means(md)
     assert means["a"]["head Acc"] == pytest.approx(np.mean([0.5, 0.75, 0.6]), abs=5e-4)
     assert f"± {np.std([0.5, 0.75, 0.6], ddof=1):.3f}" in md
-    assert means["a"]["wall s"] == pytest.approx(20.0)
+    assert means["a"]["train s"] == pytest.approx(20.0)
     assert "n/a (no weights)" in md and "head Acc" not in means["b"]  # NaN is left out, not averaged
 
 
