@@ -45,14 +45,9 @@ def source_group(caption: str) -> int:
 
 def to_tensor(images: Sequence[Image.Image]) -> Tensor:
     """``(N, 3, PX, PX)`` in [-1, 1]."""
-    rows = []
-    for im in images:
-        im = im.convert("RGB")
-        side = min(im.size)
-        left, top = (im.width - side) // 2, (im.height - side) // 2
-        im = im.crop((left, top, left + side, top + side)).resize((PX, PX), Image.BILINEAR)
-        rows.append(torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0)
-    return torch.stack(rows)
+    from unigendet.evaluation.fidelity import fidelity_images
+
+    return fidelity_images(list(images), PX, resample=Image.BILINEAR).float() / 127.5 - 1.0
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:

@@ -78,13 +78,11 @@ def fd_features(images: Sequence[Image.Image], px: int = FD_PX, cells: int = 4, 
     fy, fx = np.meshgrid(np.fft.fftfreq(px), np.fft.fftfreq(px), indexing="ij")
     ring = np.minimum((np.hypot(fy, fx) / 0.5 * bins).astype(int), bins - 1)  # 0.5 = the Nyquist frequency
     ring[0, 0] = -1
+    from unigendet.evaluation.fidelity import fidelity_images
+
+    squares = fidelity_images(list(images), px, resample=Image.BILINEAR).permute(0, 2, 3, 1).numpy()  # (N, px, px, 3)
     feats = []
-    for im in images:
-        im = im.convert("RGB")
-        side = min(im.size)
-        left, top = (im.width - side) // 2, (im.height - side) // 2
-        x = np.asarray(im.crop((left, top, left + side, top + side)).resize((px, px), Image.BILINEAR), np.float64)
-        x /= 255.0
+    for x in np.ascontiguousarray(squares, dtype=np.float64) / 255.0:
         grid = x.reshape(cells, px // cells, cells, px // cells, 3).mean((1, 3)).ravel()
         y = x @ np.array([0.299, 0.587, 0.114])
         power = np.abs(np.fft.fft2(y - y.mean())) ** 2 / px**2

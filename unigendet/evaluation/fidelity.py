@@ -157,20 +157,22 @@ def inception_weights(path: str | os.PathLike | None) -> Path:
 ########################################################################################################################
 # the images
 ########################################################################################################################
-def _square(img, size: int) -> torch.Tensor:
-    from PIL import Image
-
+def _square(img, size: int, resample) -> torch.Tensor:
     img = img.convert("RGB")
     w, h = img.size
     s = min(w, h)
     left, top = (w - s) // 2, (h - s) // 2
-    img = img.crop((left, top, left + s, top + s)).resize((size, size), Image.Resampling.BICUBIC)
+    img = img.crop((left, top, left + s, top + s)).resize((size, size), resample)
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # (3, size, size) uint8
 
 
-def fidelity_images(images: list, size: int = 299) -> torch.Tensor:
-    """PIL images -> (N, 3, size, size) uint8: the largest centred square, bicubic-resized to ``size``, RGB."""
-    return torch.stack([_square(img, size) for img in images])
+def fidelity_images(images: list, size: int = 299, resample=None) -> torch.Tensor:
+    """PIL images -> (N, 3, size, size) uint8: the largest centred square, resized to ``size`` (``resample``: a PIL
+    filter, default bicubic), RGB."""
+    from PIL import Image
+
+    resample = Image.Resampling.BICUBIC if resample is None else resample
+    return torch.stack([_square(img, size, resample) for img in images])
 
 
 ########################################################################################################################
