@@ -294,8 +294,9 @@ def run_arm(arm: str, seed: int, ctx: dict, args) -> dict:
     if arm == "cnn":
         budget = ctx["gduf_seconds"].get(seed) or args.cnn_seconds
         saved, key = root / "row.json", {"budget": budget, "batch": args.cnn_batch}
-        if saved.exists() and json.loads(saved.read_text())["key"] == key:  # trained already: its scores stand
-            return json.loads(saved.read_text())["row"]
+        kept = json.loads(saved.read_text()) if saved.exists() else None
+        if kept is not None and kept["key"] == key:  # trained already: its scores stand
+            return kept["row"]
         metrics = cnn_arm(ctx["corpus"], root, budget, seed, args.cnn_batch)
         row = {"arm": arm, "seed": seed, "training": f"{metrics['cnn_steps']} AdamW steps x {args.cnn_batch} images "
                f"in {budget:.0f} s (this seed's gduf fit)", **metrics, "fit_s": metrics["train_seconds"],
