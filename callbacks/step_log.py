@@ -1,7 +1,9 @@
 """StepLog: every training step's logged ``train/*`` values as one JSON line, for audits of exact resume.
 
 Rank 0 appends ``{"step": global_step, "train/loss_det": ..., ...}`` after every training batch to ``path``
-(default ``<default_root_dir>/steps.jsonl``), flushed at once, so a killed run leaves every completed step on disk.
+(default: ``steps.jsonl`` in the run's folder, next to its checkpoints and ``config.yaml`` when the run has a
+logger, else in ``default_root_dir``), flushed at once, so a killed run leaves every completed step on disk. It
+needs no logger and no network: it is the record that stays when W&B fails (``experiments/base.yaml`` has it).
 A resumed run appends to the same file: a step that was trained twice (after the last checkpoint of a killed run,
 then again after the resume) appears twice; :func:`read_step_log` keeps the last.
 """
@@ -16,6 +18,8 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from unigendet.tracking.runs import run_folder
+
 
 class StepLog(Callback):
     def __init__(self, path: str | None = None, prefix: str = "train/") -> None:
@@ -23,7 +27,9 @@ class StepLog(Callback):
         self.prefix = prefix
 
     def _file(self, trainer: L.Trainer) -> Path:
-        return self.path or Path(trainer.default_root_dir) / "steps.jsonl"
+        if self.path is None:
+            self.path = (run_folder(trainer) if trainer.loggers else Path(trainer.default_root_dir)) / "steps.jsonl"
+        return self.path
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:

@@ -1,15 +1,26 @@
 """FSDP2 for real: 2 CPU processes (gloo) run the co-evolution loop sharded, equal a single process step for step,
-checkpoint (distributed, sharded), are killed, resume exactly, and resume on another number of processes."""
+checkpoint (distributed, sharded, sealed with SHA256SUMS), are killed three times (once mid-save), resume exactly,
+and resume on another number of processes."""
 
 from __future__ import annotations
 
-import random
+import shutil
+import subprocess
 
 import pytest
 import torch
 
 from callbacks import read_step_log
-from tests.test_resume import STEPS, corpus, differing, fit_command, run, run_and_kill  # noqa: F401 (fixture)
+from tests.test_resume import (  # noqa: F401 (corpus is a fixture)
+    STEPS,
+    assert_retention,
+    corpus,
+    differing,
+    fit_command,
+    preempt_three_times,
+    run,
+    run_and_kill,
+)
 
 pytestmark = pytest.mark.multiprocess
 
@@ -39,6 +50,12 @@ def test_two_sharded_processes_repeat_a_single_process_and_shard_the_checkpoint(
     # written by rank 0 alone)
     assert 0.7 < sizes[0] / sizes[1] < 1.4, sizes
     assert not list(last.parent.glob(".*.partial")) and not list(last.parent.glob(".*.old"))
+    # sealed: every file of the folder listed in SHA256SUMS, which sha256sum itself accepts
+    sums = (last / "SHA256SUMS").read_text()
+    assert all(p.name in sums for p in last.iterdir() if p.name != "SHA256SUMS")
+    check = subprocess.run(["sha256sum", "--check", "--strict", "SHA256SUMS"], cwd=last, capture_output=True,
+                           text=True)
+    assert check.returncode == 0 and check.stdout.count(": OK") == 4, check.stdout + check.stderr
     ranks = torch.load(last / "meta.pt", weights_only=True)["unigendet"]["ranks"]
     assert torch.equal(ranks[0]["rng"]["torch"], ranks[1]["rng"]["torch"])  # rank_seeds=false: one shared stream
 
@@ -54,6 +71,16 @@ def test_two_sharded_processes_repeat_a_single_process_and_shard_the_checkpoint(
         ema_key = "ema." + name.replace(".", "__")
         assert torch.equal(p, full[ema_key] if ema_key in full else full["model." + name]), name
     assert tokenizer and len(report.loaded) == len(list(model.parameters()))
+    damaged = tmp_path / "damaged.ckpt"  # one flipped byte in rank 1's shard: refused, naming the shard
+    shutil.copytree(last, damaged)
+    shard = damaged / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    from unigendet.checkpoint.folders import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"__1_0\.distcp: damaged"):
+        load_lightning_checkpoint(damaged)
 
     # and `unigendet export` turns the sharded checkpoint into a BAGEL-format folder with its tokenizer
     from unigendet.checkpoint.loading import load_model
@@ -65,16 +92,15 @@ def test_two_sharded_processes_repeat_a_single_process_and_shard_the_checkpoint(
     assert all(torch.equal(p, dict(model.named_parameters())[n]) for n, p in exported.named_parameters())
 
 
-def test_sharded_run_killed_then_resumed_repeats_the_single_process(corpus, single, tmp_path):  # noqa: F811
+def test_sharded_run_preempted_three_times_repeats_the_single_process(corpus, single, tmp_path):  # noqa: F811
     root = tmp_path / "fsdp"
-    kill_after = random.Random().randint(2, STEPS - 2)
-    done = run_and_kill(fit_command(corpus, root, devices=2, workers=0), root / "steps.jsonl", kill_after,
-                        tmp_path / "killed.log")
-    run(fit_command(corpus, root, "--ckpt_path=last", devices=2, workers=0), tmp_path / "resumed.log")
+    kills = preempt_three_times(lambda *extra: fit_command(corpus, root, *extra, devices=2, workers=0), root,
+                                tmp_path)
     resumed = read_step_log(root / "steps.jsonl")
     assert sorted(resumed) == list(range(1, STEPS + 1))
     diffs = differing(single, resumed, REL)
-    assert not diffs, f"killed after {kill_after} steps (logged {done}): {diffs}"
+    assert not diffs, f"{kills}: {diffs}"
+    assert_retention(root / "ckpt")
 
 
 def test_a_two_process_checkpoint_resumes_on_one_process(corpus, tmp_path):  # noqa: F811
@@ -92,6 +118,27 @@ def test_a_two_process_checkpoint_resumes_on_one_process(corpus, tmp_path):  # n
     steps = read_step_log(root / "steps.jsonl")
     assert sorted(steps) == list(range(1, STEPS + 1))  # steps after saved_step were trained by the 1-process run
     assert saved_step >= 2
+
+
+@pytest.mark.slow  # the same fallback on one process is in the default suite (tests/test_integrity.py)
+def test_two_processes_resuming_from_a_damaged_last_fall_back_to_the_newest_intact(corpus, tmp_path):  # noqa: F811
+    """Each rank verifies half of the shards; rank 0's finding stops both ranks' use of the damaged checkpoint."""
+    root = tmp_path / "fsdp"
+    run(fit_command(corpus, root, "--trainer.max_steps=3", devices=2, workers=0), tmp_path / "first.log")
+    ckpt = root / "ckpt"
+    shard = ckpt / "last.ckpt" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    proc = run(fit_command(corpus, root, "--ckpt_path=last", "--trainer.max_steps=5", devices=2, workers=0),
+               tmp_path / "resumed.log")
+    out = proc.stdout + proc.stderr
+    assert f"{shard}: damaged" in out
+    assert f"resuming from the newest intact checkpoint instead: {ckpt / 'epoch=0-step=3.ckpt'}" in out
+    assert f"Restored all states from the checkpoint at {ckpt / 'epoch=0-step=3.ckpt'}" in out
+    assert torch.load(ckpt / "last.ckpt" / "meta.pt", weights_only=True)["global_step"] == 5
+    # save_top_k=1 keeps the newest step, and Lightning keeps the checkpoint a run resumed from
+    assert sorted(p.name for p in ckpt.iterdir()) == ["epoch=0-step=3.ckpt", "epoch=0-step=5.ckpt", "last.ckpt"]
 
 
 @pytest.fixture(scope="module")

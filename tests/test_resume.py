@@ -1,11 +1,13 @@
-"""Exact resume: a co-evolution run killed with SIGKILL at a random step and resumed with ``--ckpt_path last``
-repeats the per-step losses of an uninterrupted run exactly (CPU, fp32); checkpoint writes are atomic."""
+"""Exact resume: a co-evolution run killed with SIGKILL at three random steps (once while a checkpoint is being
+written) and resumed each time with ``--ckpt_path last`` repeats the per-step losses of an uninterrupted run
+exactly (CPU, fp32), and leaves only the checkpoints its ModelCheckpoint keeps; checkpoint writes are atomic."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import pytest
 
 from callbacks import read_step_log
 from tests.conftest import REPO
+from tests.inotify import Inotify
 
 EXPERIMENTS = REPO / "experiments"
 SMALL = {"mot": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "mlp_dim": 128},
@@ -75,7 +78,7 @@ def run(cmd: list[str], log: Path) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_sigkill_at_a_random_step_then_resume_repeats_the_uninterrupted_losses(corpus, tmp_path):
+def test_three_preemptions_one_during_a_save_then_resume_repeat_the_uninterrupted_losses(corpus, tmp_path):
     ref_root, cut_root = tmp_path / "reference", tmp_path / "interrupted"
     run(fit_command(corpus, ref_root), tmp_path / "reference.log")
     reference = read_step_log(ref_root / "steps.jsonl")
@@ -83,30 +86,70 @@ def test_sigkill_at_a_random_step_then_resume_repeats_the_uninterrupted_losses(c
     logged = set().union(*reference.values())
     assert {"train/loss_det", "train/loss_mse", "train/loss_diga", "train/loss_fresh"} <= logged
 
-    kill_after = random.Random().randint(2, STEPS - 2)  # steps completed before the SIGKILL
-    done_before = run_and_kill(fit_command(corpus, cut_root), cut_root / "steps.jsonl", kill_after,
-                               tmp_path / "interrupted.log")
-    run(fit_command(corpus, cut_root, "--ckpt_path=last"), tmp_path / "resumed.log")
+    kills = preempt_three_times(lambda *extra: fit_command(corpus, cut_root, *extra), cut_root, tmp_path)
     resumed = read_step_log(cut_root / "steps.jsonl")
     assert sorted(resumed) == list(range(1, STEPS + 1))
     diffs = differing(reference, resumed)
-    assert not diffs, f"killed after {kill_after} steps (logged {done_before}); differing (step, key): {diffs}"
+    assert not diffs, f"{kills}; differing (step, key): {diffs}"
+    assert_retention(cut_root / "ckpt")
 
 
-def run_and_kill(cmd: list[str], steps: Path, kill_after: int, log: Path) -> int:
-    """Start ``cmd``, SIGKILL its whole process group (trainer, other ranks, DataLoader workers: mid-step or
-    mid-save) once ``kill_after`` steps are logged; returns the number of steps logged."""
+def preempt_three_times(command, root: Path, logs: Path) -> str:
+    """SIGKILL a run three times at random steps, the second time while a checkpoint is being written, resuming
+    with ``--ckpt_path last`` after each; the fourth run finishes. ``command(*extra)`` builds the command line.
+    Returns what happened (for failure messages)."""
+    rng = random.Random()
+    first = rng.randint(1, 2)
+    second = rng.randint(first + 1, first + 2)
+    third = rng.randint(second + 1, STEPS - 1)
+    steps, done = root / "steps.jsonl", []
+    for i, (after, during_save) in enumerate([(first, False), (second, True), (third, False)]):
+        extra = ("--ckpt_path=last",) if i else ()
+        got = run_and_kill(command(*extra), steps, after, logs / f"killed{i}.log",
+                           during_save=root / "ckpt" if during_save else None)
+        done.append(f"kill {i + 1} after {after} steps{' during a save' if during_save else ''} (logged {got})")
+    run(command("--ckpt_path=last"), logs / "final.log")
+    return "; ".join(done)
+
+
+def assert_retention(ckpt: Path) -> None:
+    """ModelCheckpoint(save_top_k=1, save_last=True): the newest step checkpoint and last.ckpt, nothing else (no
+    partial files of the killed writers)."""
+    names = sorted(p.name for p in ckpt.iterdir())
+    assert len(names) == 2 and re.fullmatch(rf"epoch=\d+-step={STEPS}\.ckpt", names[0]) and names[1] == "last.ckpt", \
+        names
+
+
+def run_and_kill(cmd: list[str], steps: Path, kill_after: int, log: Path, during_save: Path | None = None) -> int:
+    """Start ``cmd``, SIGKILL its whole process group (trainer, other ranks, DataLoader workers) once ``kill_after``
+    distinct steps are logged: at once, or with ``during_save`` (the checkpoint folder) the moment the next
+    checkpoint write creates its file (a hidden ``.<name>.partial``; for a distributed checkpoint, the first shard
+    inside it), which must still be there afterwards. Returns the number of distinct steps logged."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    with open(log, "w") as out:
+    with open(log, "w") as out, Inotify() as notify:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=out, start_new_session=True)
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
-            if steps.exists() and len(steps.read_text().splitlines()) >= kill_after:
+            if steps.exists() and len(read_step_log(steps)) >= kill_after:
                 break
             time.sleep(0.02)
+        partial = None
+        if during_save is not None and proc.poll() is None:
+            notify.watch(during_save)
+            while partial is None and time.time() < deadline and proc.poll() is None:
+                for path in notify.created(0.5):
+                    if path.name.startswith(".") and path.name.endswith(".partial"):
+                        partial = path
+                        break
+            if partial is not None and partial.is_dir():  # a distributed checkpoint: wait for its first shard
+                notify.watch(partial)
+                while proc.poll() is None and not notify.created(0.5) and time.time() < deadline:
+                    pass
         assert proc.poll() is None, f"the run ended before step {kill_after}: see {log}"
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    if during_save is not None:
+        assert partial is not None and partial.exists(), f"no checkpoint write was caught in progress: {partial}"
     done = len(read_step_log(steps))
     assert done < STEPS, "the kill came too late to interrupt anything"
     return done

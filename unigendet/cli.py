@@ -210,6 +210,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
     from unigendet.checkpoint.folders import copy_tokenizer, save_folder
+    from unigendet.checkpoint.integrity import seal
     from unigendet.checkpoint.loading import is_training_checkpoint, load_lightning_checkpoint, load_model
 
     _check_ckpt(args.ckpt)
@@ -230,6 +231,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = save_folder(model, args.out, dtype=dtype, single_file=args.single_file,
                       max_shard_bytes=int(args.max_shard_gb * 1024**3), progress=not args.no_progress)
     copied = ["tokenizer.json"] if training else copy_tokenizer(args.ckpt, out)
+    seal(out, copied, merge=True)  # save_folder sealed the weights and configs
     print(json.dumps({"out": str(out), "files": sorted(p.name for p in out.iterdir()), "tokenizer": copied}))
     return 0
 

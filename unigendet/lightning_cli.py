@@ -4,14 +4,17 @@ Features:
 * configs stack left to right (``--config base.yaml --config gduf.yaml ...``); typed settings (``model_overrides``,
   ``data.gen``, ``model.loss`` ...) merge key by key, and a preset name is checked while the config is parsed;
 * errors are one line that names the program (``unigendet fit: error: ...``): parse errors, configuration errors
-  raised while the model, data module and trainer are built, and callbacks' ``check(model)`` of their settings
-  against the model (``JSONARGPARSE_DEBUG=true`` gives the traceback);
-  errors during training keep their traceback;
+  raised while the model, data module and trainer are built, callbacks' ``check(model)`` of their settings
+  against the model, and a damaged or refused checkpoint (``JSONARGPARSE_DEBUG=true`` gives the traceback);
+  errors during training keep their traceback; in a multi-process run every rank also says which rank failed and
+  why, and ends within seconds (:mod:`unigendet.distributed.failure`);
 * :class:`RunConfig` writes each run's merged ``config.yaml`` into that run's own folder (the logger's run folder,
   else ``<default_root_dir>/lightning_logs/<time>``), never over another run's, and gives it to every logger as the
   run's hyperparameters (the W&B run config: ``model``, ``data``, ``trainer`` ...), with ``val/acc``, ``val/auroc``
   and ``val/f1`` summarised in W&B by their maximum (what a sweep optimises);
-* a progress bar that counts training steps of ``max_steps`` (:class:`StepProgressBar`).
+* a progress bar that counts training steps of ``max_steps`` (:class:`StepProgressBar`);
+* ``--ckpt_path last`` (and Slurm's automatic resume) falls back past damaged checkpoints to the newest intact one
+  (:mod:`unigendet.checkpoint.fallback`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +180,47 @@ class UniGenDetCLI(LightningCLI):
             self._parser(self.subcommand).error(f"{type(e).__name__}: {e}" if not isinstance(e, ValueError)
                                                 else str(e))
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the hyperparameters of a --ckpt_path file while parsing: verify the file first
+        from unigendet.checkpoint.integrity import verify_file
+
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            verify_file(ckpt_path)
+        super()._parse_ckpt_path()
+
+    def before_fit(self) -> None:
+        self._plan_resume()
+
+    def before_validate(self) -> None:
+        self._plan_resume()
+
+    def before_test(self) -> None:
+        self._plan_resume()
+
+    def _plan_resume(self) -> None:
+        """``--ckpt_path last`` (and Slurm's resume from ``hpc_ckpt_N``): Lightning's own choice, named explicitly,
+        with the other checkpoints to fall back to when it turns out to be damaged
+        (:mod:`unigendet.checkpoint.fallback`)."""
+        from unigendet.checkpoint.fallback import pick, plan
+        from unigendet.checkpoint.integrity import verify
+        from unigendet.checkpoint.lightning_io import AtomicCheckpointIO, use_atomic_checkpoint_io
+
+        config = self.config_init[self.subcommand]
+        fallback = plan(self.trainer, config.get("ckpt_path"))
+        if fallback is None:
+            return
+        use_atomic_checkpoint_io(self.trainer.strategy)
+        io = self.trainer.strategy.checkpoint_io
+        if not isinstance(io, AtomicCheckpointIO):  # a custom checkpoint IO of the user's is left alone
+            return
+        io.fallback = fallback  # also tells LitUniGenDet that this resume is automatic
+        if self.trainer.num_devices * self.trainer.num_nodes == 1:  # one process: choose now, so that Lightning's
+            config["ckpt_path"] = str(pick(fallback.chosen, fallback, verify))  # own messages name the one loaded
+        else:  # each rank verifies a share once the process group exists (FSDP2Strategy.load_checkpoint)
+            config["ckpt_path"] = str(fallback.chosen)
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> L.Trainer:
         # RunConfig logs the whole merged config (model, data, trainer); Lightning's own logging of the module's
         # hyperparameters would then overwrite its "model" section with the preset name
@@ -189,6 +234,25 @@ class UniGenDetCLI(LightningCLI):
 def lightning_main(argv: list[str]) -> int:
     """``unigendet fit|validate|test|predict ...``."""
     import unigendet.distributed.strategy  # noqa: F401  (registers strategy="fsdp2")
+    from unigendet.checkpoint.folders import CheckpointError
+    from unigendet.distributed import failure
 
-    UniGenDetCLI(args=argv)
+    try:
+        UniGenDetCLI(args=argv)
+    except CheckpointError as e:  # a damaged or refused checkpoint: one line naming the file
+        if _debug():
+            raise
+        sys.stderr.write(f"{PROG} {argv[0] if argv else ''}: error: {' '.join(str(e).split())}\n")
+        return 2
+    except BaseException as e:  # torch.distributed.checkpoint's CheckpointException is a BaseException
+        line = None if isinstance(e, (SystemExit, KeyboardInterrupt)) else failure.report(e)
+        if line is None:  # one process, or an exit: as Python would
+            raise
+        # a multi-process run: the traceback, then which rank failed and why, and an exit within seconds
+        traceback.print_exception(e)
+        sys.stderr.write(f"{PROG} {argv[0]}: {line}\n")
+        sys.stderr.flush()
+        failure.stop_launched_ranks()
+        failure.exit_within(20.0)
+        return 1
     return 0

@@ -135,7 +135,10 @@ def load_weights(model: UniGenDet, folder: str | Path, *, strict: bool = True, d
     """Load a BAGEL / UniGenDet folder into ``model`` (meta-built, materialised, or sharded by FSDP2 and then
     materialised with ``to_empty``: each rank reads one full tensor at a time and keeps its shard). Parameters left
     without a value (the expected-missing heads) are materialised on ``device`` and freshly initialised."""
+    from unigendet.checkpoint.integrity import verify_folder
+
     folder = Path(folder)
+    verify_folder(folder)
     report = LoadReport()
     targets = {n: p for n, p in model.named_parameters() if not n.startswith(AE_PREFIX)}
     _load_files(model, weight_files(folder), from_bagel, targets, device, report)
@@ -236,11 +239,16 @@ def save_folder(model: UniGenDet, out: str | Path, *, max_shard_bytes: int = 4 *
     Weights go to shards + ``model.safetensors.index.json`` (default), or with ``single_file`` to one
     ``ema.safetensors`` (what BAGEL's own inference loader opens). Each file is written under a temporary name and
     renamed into place, and weight files of an earlier export that the new one does not use are removed (the index
-    first), so an interrupted export never leaves a complete-looking but inconsistent folder. Files are readable by
-    everyone the umask allows (0644 by default), like any released model. ``progress``: a bar over the shards.
+    first), so an interrupted export never leaves a complete-looking but inconsistent folder; ``SHA256SUMS`` is
+    removed first and written last (:mod:`unigendet.checkpoint.integrity`), and loading verifies it. Files are
+    readable by everyone the umask allows (0644 by default), like any released model. ``progress``: a bar over the
+    shards.
     """
+    from unigendet.checkpoint.integrity import SUMS, seal
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / SUMS).unlink(missing_ok=True)  # sealed again once every file is written
     net, ae = bagel_state_dict(model)
     cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
     if single_file:
@@ -277,10 +285,15 @@ def save_folder(model: UniGenDet, out: str | Path, *, max_shard_bytes: int = 4 *
     for path in stale:
         if path.name not in written:
             path.unlink(missing_ok=True)
+    if not single_file:
+        written.add(INDEX)
     if ae:
         _atomic_save({k: v.contiguous().cpu() for k, v in ae.items()}, out / AE_FILE)
+        written.add(AE_FILE)
     for fname, content in config_to_bagel_files(model.cfg).items():
         _atomic_write(out / fname, json.dumps(content, indent=2))
+        written.add(fname)
+    seal(out, sorted(written))
     return out
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from unigendet.checkpoint.folders import CheckpointError, LoadReport, assign, load_weights
+from unigendet.checkpoint.integrity import verify_file, verify_folder
 from unigendet.model.bagel_config import config_from_bagel_dir
 from unigendet.model.config import UniGenDetConfig
 from unigendet.model.unigendet import UniGenDet
@@ -23,6 +24,7 @@ def safe_torch_load(path: str | Path) -> Any:
     refused with a :class:`CheckpointError` naming it."""
     import pickle
 
+    verify_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -37,12 +39,14 @@ def load_lightning_checkpoint(path: str | Path, *, device: str = "cpu", dtype: t
     or a distributed checkpoint folder (FSDP2: ``*.distcp`` shards + ``meta.pt``), consolidated here one tensor at
     a time on any number of processes (one, typically).
 
-    Loaded with ``weights_only=True`` (no code runs). The EMA weights are used when present and ``use_ema``.
+    Loaded with ``weights_only=True`` (no code runs), after its checksums are verified. The EMA weights are used
+    when present and ``use_ema``.
     """
     path = Path(path)
     if path.is_dir():
         if not (path / "meta.pt").is_file() or not (path / ".metadata").is_file():
             raise CheckpointError(f"{path} is a folder but not a complete distributed checkpoint (meta.pt, .metadata)")
+        verify_folder(path)
         ckpt = safe_torch_load(path / "meta.pt")
         tensors = _DistributedTensors(path)
     else:
@@ -117,6 +121,7 @@ def load_model(folder: str | Path, *, device: str = "cpu", dtype: torch.dtype = 
         model, report, _ = load_lightning_checkpoint(folder, device=device, dtype=dtype)
         return model, report
     folder = Path(folder)
+    verify_folder(folder)  # before its config is read
     cfg = cfg or config_from_bagel_dir(folder)
     with torch.device("meta"):
         model = UniGenDet(cfg).to(dtype)

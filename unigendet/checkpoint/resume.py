@@ -12,7 +12,8 @@ Features:
   tokenizer, and every rank's RNG states and data positions, gathered with
   :func:`unigendet.distributed.ranks.gather_per_rank` so that rank 0 writes all of them) and takes back;
 * :func:`rng_state` / :func:`set_rng_state`;
-* :func:`loader_states` / :func:`set_loader_states`: the fit loop's loader states inside a checkpoint dict.
+* :func:`loader_states` / :func:`set_loader_states`: the fit loop's loader states inside a checkpoint dict;
+* :func:`drop_redone_checkpoints`: after an automatic resume, the step checkpoints of the killed run's future.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -114,3 +117,37 @@ def check_tokenizer(data, saved: str | None) -> None:
     raise ValueError(f"the data's tokenizer ({tok.path}) is not the one this checkpoint was trained with, so its "
                      "token ids would be misread; pass --data.tokenizer=<the tokenizer.json of the training data> "
                      "(for `make demo`: demo-run/corpus/tokenizer.json)")
+
+
+_STEP = re.compile(r"(?:^|[-_])step=(\d+)")
+
+
+def drop_redone_checkpoints(trainer) -> list[Path]:
+    """After an automatic resume (``--ckpt_path last``, Slurm's ``hpc_ckpt_N``), remove the step checkpoints that
+    the killed run wrote after the one resumed from (a step in the file name above the resumed step), on rank 0.
+    This run writes them again; Lightning would keep the old ones beside the new (``-v1``) and never delete them,
+    since its retention state (restored from the older checkpoint) does not know them: one more full checkpoint on
+    disk per unlucky preemption. Only for ModelCheckpoints that delete (``save_top_k >= 0``); ``last*`` and the
+    checkpoints the restored state tracks are left alone."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from unigendet.checkpoint.fallback import checkpoints_in
+
+    gone: list[Path] = []
+    if not trainer.is_global_zero:
+        return gone
+    for cb in trainer.checkpoint_callbacks:
+        if not isinstance(cb, ModelCheckpoint) or cb.save_top_k < 0 or not cb.dirpath:
+            continue
+        known = {Path(p).resolve() for p in (*cb.best_k_models, cb.best_model_path, cb.last_model_path) if p}
+        for path in checkpoints_in(cb.dirpath):
+            m = _STEP.search(path.name)
+            if (path.name.startswith("last") or m is None or int(m.group(1)) <= trainer.global_step
+                    or path.resolve() in known):
+                continue
+            trainer.strategy.checkpoint_io.remove_checkpoint(path)
+            gone.append(path)
+    if gone:
+        log.info("resumed at step %d: removed %d checkpoint(s) of the interrupted run's later steps, which this run "
+                 "writes again: %s", trainer.global_step, len(gone), ", ".join(p.name for p in gone))
+    return gone

@@ -9,6 +9,10 @@ Features:
   checkpoint moved aside first and removed last: a kill at any moment leaves the old checkpoint or the new one
   under the name, never a half-written one (Lightning writes into the final folder directly); they load on any
   number of processes (the shards are resharded on load);
+* every checkpoint folder is sealed with ``SHA256SUMS`` before it is renamed into place (each rank digests a share
+  of the files) and verified before it is loaded (each rank checks a share; any damage stops every rank with the
+  same one-line error, and ``--ckpt_path last`` falls back to the newest intact checkpoint:
+  :mod:`unigendet.checkpoint.fallback`);
 * ``save_distributed_checkpoint=False``: one file gathered on rank 0, written atomically.
 
 Registered as ``fsdp2`` when this module is imported (``python -m unigendet fit`` does):
@@ -29,7 +33,12 @@ from typing import Any
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from unigendet.checkpoint.atomic import fsync_dir
-from unigendet.checkpoint.lightning_io import AtomicCheckpointIO, refuse_unsafe_load
+from unigendet.checkpoint.fallback import pick
+from unigendet.checkpoint.folders import CheckpointError
+from unigendet.checkpoint.integrity import digest, seal, verify
+from unigendet.checkpoint.lightning_io import AtomicCheckpointIO, refuse_unsafe_load, sweep_leftovers
+from unigendet.distributed import failure
+from unigendet.distributed.ranks import gather_per_rank
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -43,6 +52,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         if self._data_parallel_size == "auto":
             self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+        failure.register(self)  # host and pid of each rank, for the message when one fails
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
         if not self._save_distributed_checkpoint:
@@ -56,7 +66,13 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.barrier("unigendet_ckpt_start")
         super().save_checkpoint(checkpoint, partial, storage_options)
         self.barrier("unigendet_ckpt_written")
+        # every file digested once, the shards split over the ranks; rank 0 seals the folder before renaming it
+        names = self.broadcast(sorted(p.name for p in partial.iterdir() if p.is_file()) if self.global_rank == 0
+                               else None)  # one listing (shared filesystems may list late on other nodes)
+        mine = {name: digest(partial / name) for name in names[self.global_rank::self.world_size]}
+        sums = {k: v for part in gather_per_rank(mine) for k, v in part.items()}
         if self.global_rank == 0:
+            seal(partial, sums)
             shutil.rmtree(old, ignore_errors=True)
             if path.is_dir():
                 os.replace(path, old)
@@ -64,12 +80,28 @@ class FSDP2Strategy(ModelParallelStrategy):
                 path.unlink()
             os.replace(partial, path)
             fsync_dir(path.parent)
-            shutil.rmtree(old, ignore_errors=True)
+            sweep_leftovers(path.parent)  # `old`, and what writers killed earlier left
         self.barrier("unigendet_ckpt_done")
 
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
-        return super().load_checkpoint(checkpoint_path, weights_only=refuse_unsafe_load(weights_only))
+        weights_only = refuse_unsafe_load(weights_only)
+        path = pick(Path(self.broadcast(str(checkpoint_path))), self.checkpoint_io.fallback, self._verify)
+        connector = getattr(getattr(self.lightning_module, "_trainer", None), "_checkpoint_connector", None)
+        if connector is not None and path != Path(checkpoint_path):
+            connector._ckpt_path = str(path)  # Lightning's "Restored all states from ..." names the one loaded
+        return super().load_checkpoint(path, weights_only=weights_only)
+
+    def _verify(self, path: Path) -> None:
+        """Verify ``path``'s checksums, the files split over the ranks; every rank raises the first damage found."""
+        try:
+            verify(path, part=(self.global_rank, self.world_size))
+            damage = None
+        except CheckpointError as e:
+            damage = str(e)
+        found = [d for d in gather_per_rank(damage) if d]
+        if found:
+            raise CheckpointError(found[0])
 
 
 def register() -> None:

@@ -105,6 +105,9 @@ def resolve_config(model_name, model_overrides, init_from: str | None,
         model_overrides = ModelOverrides.from_dict(model_overrides)
     overrides = model_overrides.to_dict()
     if Path(source).is_dir():
+        from unigendet.checkpoint.integrity import verify_folder
+
+        verify_folder(source)  # before its config is read (a folder without SHA256SUMS is not checked)
         return model_name, overrides, config_from_bagel_dir(source).with_overrides(overrides)
     return model_name, overrides, UniGenDetConfig.from_name(source, **overrides)
 

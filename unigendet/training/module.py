@@ -30,7 +30,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from unigendet.checkpoint.resume import restore_run_state, run_state, set_rng_state
+from unigendet.checkpoint.resume import drop_redone_checkpoints, restore_run_state, run_state, set_rng_state
 from unigendet.distributed.sharding import FSDPConfig
 from unigendet.evaluation.protocol import EvalConfig
 from unigendet.model.config import ModelOverrides, PresetOrFolder
@@ -333,6 +333,10 @@ class LitUniGenDet(L.LightningModule):
         self.configure_model()
         counters, self._pending_rng = restore_run_state(checkpoint, self.data)
         self.counters.update(counters)
+
+    def on_train_start(self) -> None:
+        if self.trainer.ckpt_path and getattr(self.trainer.strategy.checkpoint_io, "fallback", None) is not None:
+            drop_redone_checkpoints(self.trainer)  # an automatic resume after a kill
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._pending_rng is not None:
