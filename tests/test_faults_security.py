@@ -38,6 +38,18 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+def fill(disk) -> None:
+    """Write ``disk/filler`` until the filesystem is full (ENOSPC)."""
+    import errno
+
+    with open(disk / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 20))
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+
+
 def test_disk_full_during_a_save_fails_clearly_and_keeps_the_last_checkpoint(corpus, small_disk, tmp_path):  # noqa: F811
     import errno
 
@@ -47,12 +59,7 @@ def test_disk_full_during_a_save_fails_clearly_and_keeps_the_last_checkpoint(cor
     class Fill(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if trainer.global_step == 2:  # ModelCheckpoint runs after the user's callbacks
-                with open(small_disk / "filler", "wb") as f:
-                    try:
-                        while True:
-                            f.write(b"\0" * (1 << 20))
-                    except OSError as e:
-                        assert e.errno == errno.ENOSPC
+                fill(small_disk)
 
     lit, dm = make(corpus, ema_decay=None)
     ckpt = ModelCheckpoint(dirpath=small_disk, every_n_train_steps=1, save_top_k=0, save_last=True)

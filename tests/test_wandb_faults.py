@@ -4,7 +4,6 @@ and keep every step in ``steps.jsonl``."""
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import subprocess
@@ -15,7 +14,7 @@ import torch
 
 from callbacks import read_step_log
 from tests.conftest import REPO
-from tests.test_faults_security import small_disk  # noqa: F401  (a fixture)
+from tests.test_faults_security import fill, small_disk  # noqa: F401  (small_disk is a fixture)
 from tests.test_resume import corpus, fit_command  # noqa: F401  (corpus is a fixture)
 
 STEPS = 12
@@ -89,13 +88,6 @@ def test_a_full_disk_under_the_wandb_run_folder_costs_log_lines_not_the_run(corp
     root.mkdir()
     (root / "wandb").symlink_to(small_disk)  # W&B writes <save_dir>/wandb/...; the checkpoints stay on another disk
 
-    def fill(_pid: int) -> None:
-        with open(small_disk / "filler", "wb") as f:
-            try:
-                while True:
-                    f.write(b"\0" * (1 << 20))
-            except OSError as e:
-                assert e.errno == errno.ENOSPC
-
-    proc = _run_with_fault(_command(corpus, root), _env(tmp_path), root / "steps.jsonl", fill, tmp_path / "run.log")
+    proc = _run_with_fault(_command(corpus, root), _env(tmp_path), root / "steps.jsonl", lambda _pid: fill(small_disk),
+                           tmp_path / "run.log")
     _check_trained_through(root, proc, "No space left on device")
