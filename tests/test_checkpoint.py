@@ -25,6 +25,7 @@ from unigendet.checkpoint.folders import (
     save_folder,
     weight_files,
 )
+from unigendet.checkpoint.integrity import SUMS
 from unigendet.checkpoint.keymap import AE_PREFIX, UNIGENDET_ONLY_PREFIXES, to_bagel
 from unigendet.checkpoint.loading import load_model
 from unigendet.model.config import UniGenDetConfig
@@ -65,8 +66,14 @@ def _file_keys(path: Path) -> set[str]:
         return set(f.keys())
 
 
+def _as_written_elsewhere(folder: Path) -> None:
+    """An export edited by hand stands for a folder written elsewhere (a BAGEL release): it has no SHA256SUMS."""
+    (folder / SUMS).unlink(missing_ok=True)
+
+
 def _to_single_file(folder: Path) -> Path:
     """Turn a sharded export into the layout of a BAGEL release: one ema.safetensors, no index."""
+    _as_written_elsewhere(folder)
     tensors = _folder_tensors(folder)
     for path in weight_files(folder):
         path.unlink()
@@ -77,6 +84,7 @@ def _to_single_file(folder: Path) -> Path:
 
 def _edit(folder: Path, fn) -> None:
     """Apply ``fn(dict) -> dict`` to every network weight file of ``folder`` and keep the index consistent."""
+    _as_written_elsewhere(folder)
     weight_map = {}
     for path in weight_files(folder):
         tensors = fn(load_file(str(path)))
@@ -89,6 +97,7 @@ def _edit(folder: Path, fn) -> None:
 
 
 def _edit_ae(folder: Path, fn) -> None:
+    _as_written_elsewhere(folder)
     path = folder / AE_FILE
     save_file(fn(load_file(str(path))), str(path), metadata={"format": "pt"})
 
@@ -389,8 +398,11 @@ def test_missing_ae_key_is_an_error(tiny_copy):
 def test_missing_ae_file_is_an_error(tiny_copy):
     _, folder = tiny_copy
     (folder / AE_FILE).unlink()
+    with pytest.raises(CheckpointError, match=r"ae\.safetensors: missing \(listed in .*SHA256SUMS\)"):
+        load_model(folder)  # our export lists it
+    _as_written_elsewhere(folder)
     with pytest.raises(CheckpointError, match="encoder"):
-        load_model(folder)
+        load_model(folder)  # a folder from elsewhere: the missing keys
 
 
 @pytest.mark.parametrize("key", ["language_model.model.layers.7.mlp.gate_proj.weight", "something_else.weight"])
