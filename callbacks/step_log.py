@@ -26,6 +26,13 @@ class StepLog(Callback):
         self.path = Path(path) if path else None
         self.prefix = prefix
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # experiments/base.yaml has a StepLog: one added again (`--trainer.callbacks+=callbacks.StepLog`) with the
+        # same file would write every line twice; the first one writes
+        earlier = trainer.callbacks[:trainer.callbacks.index(self)] if self in trainer.callbacks else []
+        self._duplicate = any(isinstance(c, StepLog) and c.path == self.path and c.prefix == self.prefix
+                              for c in earlier)
+
     def _file(self, trainer: L.Trainer) -> Path:
         if self.path is None:
             self.path = (run_folder(trainer) if trainer.loggers else Path(trainer.default_root_dir)) / "steps.jsonl"
@@ -33,7 +40,7 @@ class StepLog(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero or getattr(self, "_duplicate", False):
             return
         row: dict[str, float | int] = {"step": trainer.global_step}
         # the step's own values when training_step returns them (LitUniGenDet does); else the latest logged ones,

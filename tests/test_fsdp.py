@@ -92,6 +92,7 @@ def test_two_sharded_processes_repeat_a_single_process_and_shard_the_checkpoint(
     assert all(torch.equal(p, dict(model.named_parameters())[n]) for n, p in exported.named_parameters())
 
 
+@pytest.mark.slow  # 2 minutes; the default suite has the same three preemptions on one process (test_resume.py)
 def test_sharded_run_preempted_three_times_repeats_the_single_process(corpus, single, tmp_path):  # noqa: F811
     root = tmp_path / "fsdp"
     kills = preempt_three_times(lambda *extra: fit_command(corpus, root, *extra, devices=2, workers=0), root,

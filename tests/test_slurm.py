@@ -272,14 +272,14 @@ def corpus(tmp_path_factory):
 
 
 def fit_args(corpus: Path, root: Path) -> list[str]:
-    """The co-evolution experiment + slurm.yaml at test size (as test_lit_module's CLI test), with StepLog."""
+    """The co-evolution experiment + slurm.yaml at test size (as test_lit_module's CLI test); base.yaml's StepLog."""
     small = {"mot": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "mlp_dim": 128},
              "vit": {"dim": 32, "n_layers": 1, "n_heads": 2, "mlp_dim": 64}, "head": {"diga_layer": 1}}
     return [*(f"--config={EXPERIMENTS / c}" for c in STACK),
             "--model.model_name=demo", f"--model.model_overrides={json.dumps(small)}", "--model.init_from=null",
             f"--trainer.max_steps={MAX_STEPS}", "--trainer.accelerator=cpu", "--trainer.logger=false",
             "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
-            f"--trainer.default_root_dir={root}", '--trainer.callbacks+={"class_path": "callbacks.StepLog"}',
+            f"--trainer.default_root_dir={root}",  # base.yaml's StepLog writes <root>/steps.jsonl
             "--trainer.callbacks+=" + json.dumps({"class_path": "tests.test_slurm.PauseUntilSignal",
                                                   "init_args": {"step": PAUSE_AT}}),
             f"--data.train={corpus / 'detection/train.json'}", f"--data.val={corpus / 'detection/val.json'}",

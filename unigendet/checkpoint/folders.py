@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from unigendet.checkpoint.atomic import atomic_path
+from unigendet.checkpoint.errors import CheckpointError  # noqa: F401  (raised here; imported from here elsewhere)
 from unigendet.checkpoint.keymap import AE_PREFIX, UNIGENDET_ONLY_PREFIXES, from_bagel, to_bagel
 from unigendet.model.bagel_config import config_to_bagel_files
 from unigendet.model.layers import PosEmbed2D, RMSNorm, sincos_2d_table
@@ -62,8 +63,6 @@ class LoadReport:
         return "; ".join(parts)
 
 
-class CheckpointError(ValueError):
-    pass
 
 
 #####################################################################################################

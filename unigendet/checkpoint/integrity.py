@@ -10,7 +10,7 @@ Features:
   :func:`seal` after every file is complete; :func:`verify_folder` checks that every listed file is there, then
   their digests, which can be split across processes (``part=(rank, world)``);
 * a folder without ``SHA256SUMS`` (a BAGEL release, anything written elsewhere) loads as before;
-* damage is a :class:`~unigendet.checkpoint.folders.CheckpointError`, one line naming the file and what is wrong.
+* damage is a :class:`~unigendet.checkpoint.errors.CheckpointError`, one line naming the file and what is wrong.
 A verified file is remembered by (path, size, mtime), so one process does not verify it twice.
 """
 
@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from unigendet.checkpoint.atomic import atomic_path
-from unigendet.checkpoint.folders import CheckpointError
+from unigendet.checkpoint.errors import CheckpointError
 
 SUMS = "SHA256SUMS"
 _ZIP_MAGIC = b"PK\x03\x04"
