@@ -53,6 +53,8 @@ def plan(trainer, ckpt_path: str | None) -> Fallback | None:
     from lightning.fabric.plugins.environments import SLURMEnvironment
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    if ckpt_path != "last" and not (ckpt_path is None and SLURMEnvironment.detect()):
+        return None
     hpc = {int(p.name[len("hpc_ckpt_"):-len(".ckpt")]): p for p in checkpoints_in(trainer.default_root_dir)
            if p.name.startswith("hpc_ckpt_") and p.name[len("hpc_ckpt_"):-len(".ckpt")].isdigit()}
     folders = {Path(trainer.default_root_dir)}
