@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -36,6 +35,8 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback
 
+from unigendet.checkpoint.fallback import HPC_NAME, hpc_checkpoints  # noqa: F401  (hpc_checkpoints: public here too)
+
 log = logging.getLogger("unigendet.requeue")
 log.setLevel(logging.INFO)
 if not logging.getLogger().hasHandlers():
@@ -44,7 +45,6 @@ if not logging.getLogger().hasHandlers():
     log.addHandler(logging.StreamHandler())
     log.propagate = False
 
-HPC_NAME = re.compile(r"^hpc_ckpt_(\d+)\.ckpt$")
 
 
 def parse_signal(sig: str | int) -> signal.Signals:
@@ -73,14 +73,6 @@ def requeue(job_id: str) -> None:
     if res.returncode != 0:
         raise RuntimeError(f"SafeRequeue: `{' '.join(cmd)}` failed with exit code {res.returncode}: "
                            f"{(res.stderr or res.stdout).strip()} (was the job submitted with --no-requeue?)")
-
-
-def hpc_checkpoints(folder: str | Path) -> dict[int, Path]:
-    """{N: path} of the ``hpc_ckpt_N.ckpt`` files (or sharded folders) in ``folder``."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return {}
-    return {int(m.group(1)): p for p in folder.iterdir() if (m := HPC_NAME.match(p.name))}
 
 
 class SafeRequeue(Callback):

@@ -15,6 +15,7 @@ no ``ckpt_path`` to the highest ``hpc_ckpt_N``, and loads it whatever its state.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,17 @@ def checkpoints_in(folder: str | Path) -> list[Path]:
             and (p.is_file() or (p / "meta.pt").is_file())]
 
 
+HPC_NAME = re.compile(r"^hpc_ckpt_(\d+)\.ckpt$")  # Lightning's name for a Slurm requeue checkpoint
+
+
+def hpc_checkpoints(folder: str | Path) -> dict[int, Path]:
+    """{N: path} of the ``hpc_ckpt_N.ckpt`` files (or sharded folders) in ``folder``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    return {int(m.group(1)): p for p in folder.iterdir() if (m := HPC_NAME.match(p.name))}
+
+
 def _mtime(path: Path) -> float:
     try:
         return (path / "meta.pt" if path.is_dir() else path).stat().st_mtime
@@ -53,10 +65,10 @@ def plan(trainer, ckpt_path: str | None) -> Fallback | None:
     from lightning.fabric.plugins.environments import SLURMEnvironment
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    if ckpt_path != "last" and not (ckpt_path is None and SLURMEnvironment.detect()):
+    slurm_resume = ckpt_path is None and SLURMEnvironment.detect()
+    if ckpt_path != "last" and not slurm_resume:
         return None
-    hpc = {int(p.name[len("hpc_ckpt_"):-len(".ckpt")]): p for p in checkpoints_in(trainer.default_root_dir)
-           if p.name.startswith("hpc_ckpt_") and p.name[len("hpc_ckpt_"):-len(".ckpt")].isdigit()}
+    hpc = hpc_checkpoints(trainer.default_root_dir)
     folders = {Path(trainer.default_root_dir)}
     lasts: set[Path] = set()
     for cb in trainer.checkpoint_callbacks:
@@ -66,7 +78,7 @@ def plan(trainer, ckpt_path: str | None) -> Fallback | None:
             folders |= {p.parent for p in found} | ({Path(cb.dirpath)} if cb.dirpath else set())
     if ckpt_path == "last" and lasts:
         chosen = max(lasts, key=_mtime)
-    elif ckpt_path is None and hpc and SLURMEnvironment.detect():
+    elif slurm_resume and hpc:
         chosen = hpc[max(hpc)]
     else:
         return None
