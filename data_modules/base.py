@@ -8,13 +8,16 @@
 * ``packs_per_epoch`` (packed batches per rank per loader epoch) defaults to an estimate from the first records;
 * data progress per worker, recorded from the batches actually trained on (``record_train_batch``, called by
   the LightningModule), carried into the next loader epoch and through checkpoints (``train_progress`` /
-  ``set_train_progress``), see ``PackedStream``;
+  ``resume_train_progress``), see ``PackedStream``; a checkpoint of another layout (ranks x workers) continues its
+  pass resharded over this one (:mod:`data_modules.reshard`);
 * ``skip_metrics(batch)`` adds the skips found while reading the records to the running counts each loader
   worker attaches to its batches: the corpus-wide ``data/skipped/<reason>`` so far.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,11 +28,14 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from data_modules.stream import PackedStream, plan_tokens, record_generator
+from data_modules.units import RecordUnits, TarUnits
 from unigendet.inputs.skips import SkipCounter
+from unigendet.inputs.tar_shards import expand_shards, is_tar_spec
 from unigendet.inputs.tokenizer import Tokenizer
 from unigendet.inputs.transforms import ImageTransform, vae_transform, vit_transform
 from unigendet.model.config import UniGenDetConfig
 
+log = logging.getLogger("unigendet.data")
 
 @dataclass(eq=False, repr=False)
 class StreamDataModule(L.LightningDataModule):
@@ -55,6 +61,8 @@ class StreamDataModule(L.LightningDataModule):
     """DataLoader worker processes; records are sharded over (rank, worker)."""
     seed: int = 0
     """Shuffling and per-record randomness."""
+    interleave: int = 4
+    """Tar shards each loader worker reads at once, one sample from each in turn (in-memory corpora: 1)."""
     replicate_across_ranks: bool = False
     """Every rank reads the whole stream (the same batches on every rank) instead of its own shard: only for checking
     a sharded run against a single-process one."""
@@ -73,6 +81,7 @@ class StreamDataModule(L.LightningDataModule):
         self._shard_skips: dict[tuple[str, int], dict[str, int]] = {}
         self._train_ds = None
         self._pending_progress = None
+        self._pending_reshard = None
 
     # ----------------------------------------------------------------------------------------------
     def connect(self, cfg: UniGenDetConfig, tokenizer: str | None = None) -> StreamDataModule:
@@ -99,7 +108,7 @@ class StreamDataModule(L.LightningDataModule):
         return vae_transform(self._require_connected(), min_side=self.vae_min_side, max_side=self.vae_max_side)
 
     def _rank(self) -> tuple[int, int]:
-        trainer = getattr(self, "_trainer", None)
+        trainer = self.trainer  # Lightning sets it on the DataModule (LightningModules have ``_trainer``)
         if trainer is None or self.replicate_across_ranks:
             return 0, 1
         return trainer.global_rank, trainer.world_size
@@ -115,11 +124,16 @@ class StreamDataModule(L.LightningDataModule):
         (default: ``read_skips``). Paths stay confined to the split's data root, as in training."""
         raise NotImplementedError(f"{type(self).__name__} does not define record_image")
 
-    def estimate_packs(self, records: Sequence, planner, budget: int, world: int, probe: int = 16) -> int:
-        """Packs per rank for one pass over ``records``, from the token counts of the first ``probe`` records."""
+    def units(self, split: str) -> RecordUnits | TarUnits:
+        """What the training stream of ``split`` reads: its records, or (subclasses) its tar shards."""
+        return RecordUnits(self.split_records(split))
+
+    def estimate_packs(self, units, planner, budget: int, world: int, probe: int = 16) -> int:
+        """Packs per rank for one pass over ``units`` (records or tar shards), from the token counts of the first
+        ``probe`` samples."""
         counts = []
         skips = SkipCounter()
-        for i, rec in enumerate(records[:probe]):
+        for i, rec in enumerate(units.probe(probe)):
             plans = planner(rec, record_generator(self.seed, 0, i), skips)
             if plans is not None:
                 plan = plans if not isinstance(plans, dict) else next(iter(plans.values()))
@@ -127,17 +141,36 @@ class StreamDataModule(L.LightningDataModule):
         if not counts:
             raise ValueError(f"none of the first {probe} records could be planned: {skips.counts}")
         per_pack = max(1.0, budget / (sum(counts) / len(counts)))
-        return max(1, math.ceil(len(records) / world / per_pack))
+        return max(1, math.ceil(units.samples() / world / per_pack))
 
     def stream(self, split: str, *, budget: int, packs_per_epoch: int | None, one_pass: bool = False) -> PackedStream:
         cfg = self._require_connected()
-        records, planner = self.split_records(split), self.planner(split)
+        units = RecordUnits(self.split_records(split)) if one_pass else self.units(split)
+        planner = self.planner(split)
         rank, world = self._rank()
         if packs_per_epoch is None and not one_pass:
-            packs_per_epoch = self.estimate_packs(records, planner, budget, world)
-        return PackedStream(records, planner, cfg, token_budget=budget, packs_per_epoch=packs_per_epoch or 1,
+            packs_per_epoch = self.estimate_packs(units, planner, budget, world)
+        return PackedStream(units, planner, cfg, token_budget=budget, packs_per_epoch=packs_per_epoch or 1,
                             max_sample_tokens=self.max_sample_tokens, seed=self.seed, rank=rank, world_size=world,
-                            one_pass=one_pass)
+                            one_pass=one_pass, num_workers=self.num_workers,
+                            interleave=1 if units.single else self.interleave)
+
+    def tar_units(self, split: str, to_record) -> TarUnits | None:
+        """The split's tar shards as stream units, or None when the split is not tar shards."""
+        spec = {"train": self.train, "val": self.val, "test": self.test}[split]
+        if spec is None or not is_tar_spec(spec):
+            return None
+        return TarUnits(expand_shards(spec, self.read_skips), to_record)
+
+    def tar_records(self, split: str, to_record) -> list | None:
+        """The records of a tar split in memory (val / test: every sample with its image; train: the first shard's,
+        without images: the captions fresh fakes are drawn from), or None when the split is not tar shards."""
+        units = self.tar_units(split, to_record)
+        if units is None:
+            return None
+        shards = range(len(units)) if split != "train" else range(1)
+        out = [rec for u in shards for _, _, rec in units.read(u, 0, self.read_skips) if rec is not None]
+        return out if split != "train" else [dataclasses.replace(r, blob=None) for r in out]
 
     def _path(self, split: str) -> Path:
         path = {"train": self.train, "val": self.val, "test": self.test}[split]
@@ -155,6 +188,9 @@ class StreamDataModule(L.LightningDataModule):
         if self._pending_progress is not None:
             dataset.set_progress(self._pending_progress)
             self._pending_progress = None
+        if self._pending_reshard is not None:
+            dataset.reshard(self._pending_reshard)
+            self._pending_reshard = None
         return dataset
 
     def record_train_batch(self, batch) -> None:
@@ -173,6 +209,33 @@ class StreamDataModule(L.LightningDataModule):
             self._train_ds.set_progress(progress)
         else:
             self._pending_progress = progress
+
+    def resume_train_progress(self, ranks: list) -> bool:
+        """Progress from a checkpoint: ``ranks[r]`` is what rank r's :meth:`train_progress` saved. Written by this
+        layout (ranks, loader workers), this rank takes its own and True is returned (the checkpoint's loader
+        states apply too); written by another, the pass is resharded over this layout (False: drop the loader
+        states)."""
+        rank, world = self._rank()
+        own = next((p for p in ranks if p is not None and _layout(p) == (rank, world, self.num_workers)), None)
+        if own is None and len(ranks) == world and ranks[rank] is not None and _layout(ranks[rank]) is None:
+            own = ranks[rank]  # written before layouts were saved: the same number of ranks is trusted
+        if own is not None:
+            self.set_train_progress(own)
+            return True
+        seen: dict[int, dict] = {}
+        for p in ranks:  # one entry per old rank (replicated ranks all report rank 0 of 1)
+            if p is not None and _layout(p) is not None:
+                seen.setdefault(_layout(p)[0], p)
+        if not seen:
+            log.warning("the checkpoint's data progress does not say which layout wrote it: the training stream "
+                        "starts its record epoch again")
+            return False
+        old = [seen[r] for r in sorted(seen)]
+        if self._train_ds is not None:
+            self._train_ds.reshard(old)
+        else:
+            self._pending_reshard = old
+        return False
 
     def val_dataloader(self):
         return self.loader(self.stream("val", budget=self.token_budget, packs_per_epoch=None, one_pass=True))
@@ -203,6 +266,16 @@ class StreamDataModule(L.LightningDataModule):
         for counts in self._shard_skips.values():
             total.counts.update(counts)
         return total.metrics()
+
+
+def _layout(progress: dict) -> tuple[int, int, int] | None:
+    """(rank, world size, loader workers) that wrote a stream's (or a zip of streams') progress; None if unknown."""
+    if "workers" not in progress:
+        inner = next((v for v in progress.values() if isinstance(v, dict) and "workers" in v), None)
+        return None if inner is None else _layout(inner)
+    if "num_workers" not in progress:
+        return None
+    return progress["rank"], progress["world_size"], progress["num_workers"]
 
 
 def resolve(path: str | None, base: Path | None = None) -> Path | None:

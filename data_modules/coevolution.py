@@ -61,6 +61,10 @@ class ZipStream(IterableDataset):
         for name, s in self.streams.items():
             s.set_progress(progress.get(name, {}))
 
+    def reshard(self, ranks: list) -> None:
+        for name, s in self.streams.items():
+            s.reshard([(p or {}).get(name) for p in ranks])
+
     def load_state_dict(self, state: dict) -> None:
         for name, s in self.streams.items():
             s.load_state_dict(state[name])
@@ -134,11 +138,12 @@ class CoEvolutionDataModule(DetectionDataModule):
         return self
 
     def setup(self, stage: str | None = None) -> None:
-        self.gen_dm._trainer = getattr(self, "_trainer", None)
+        self.gen_dm.trainer = self.trainer
 
     def train_dataloader(self):
         det = self.stream("train", budget=self.token_budget, packs_per_epoch=self.packs_per_epoch)
         gen = self.gen_dm.stream("train", budget=self.gen_dm.token_budget, packs_per_epoch=len(det))
+        gen.num_workers = self.num_workers  # both are read by this module's loader
         return self.loader(self._track(ZipStream({"det": det, "gen": gen})))
 
     def val_dataloader(self):

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from unigendet.inputs.images import open_image
-from unigendet.inputs.parquet import load_parquet_image_bytes
 from unigendet.inputs.records import DetectionRecord, T2IRecord
+from unigendet.inputs.rows import image_source
 from unigendet.inputs.skips import SkipCounter
 from unigendet.inputs.tokenizer import Tokenizer
 from unigendet.inputs.transforms import ImageTransform
@@ -43,9 +43,11 @@ class DetectionPlanner:
     with_vae: bool = True
     verdict_only: bool = False
     max_pixels: int = 64_000_000
+    image_column: str = "image"  # tables: the image column
 
     def __call__(self, rec: DetectionRecord, g: torch.Generator, skips: SkipCounter) -> SamplePlan | None:
-        img = open_image(rec.image, skips, rec.id, root=self.image_root, max_pixels=self.max_pixels)
+        source, root = image_source(rec, self.image_column, self.image_root)
+        img = open_image(source, skips, rec.id, root=root, max_pixels=self.max_pixels)
         if img is None:
             return None
         vit_img = self.vit.apply(img, skips, rec.id)
@@ -77,11 +79,8 @@ class T2IPlanner:
             raise ValueError("the DIGA teacher plan needs the ViT transform")
 
     def __call__(self, rec: T2IRecord, g: torch.Generator, skips: SkipCounter):
-        if rec.shard is not None:
-            source = load_parquet_image_bytes(rec.shard, rec.row, self.image_column)
-            img = open_image(source, skips, rec.id, max_pixels=self.max_pixels)
-        else:
-            img = open_image(rec.image, skips, rec.id, root=self.root, max_pixels=self.max_pixels)
+        source, root = image_source(rec, self.image_column, self.root)
+        img = open_image(source, skips, rec.id, root=root, max_pixels=self.max_pixels)
         if img is None:
             return None
         target = self.vae.apply(img, skips, rec.id)

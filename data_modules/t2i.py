@@ -1,4 +1,5 @@
-"""T2IDataModule: LAION-style text-to-image corpora (metadata JSON/JSONL or Parquet shards) as packed batches."""
+"""T2IDataModule: LAION-style text-to-image corpora as packed batches: metadata JSON/JSONL, Parquet shards with image
+bytes, Hugging Face datasets saved to disk, or WebDataset / img2dataset tar shards (``key.jpg`` + ``key.txt``)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ from dataclasses import dataclass
 
 from data_modules.base import StreamDataModule
 from data_modules.plans import DEFAULT_TEACHER_PROMPT, T2IPlanner
+from data_modules.units import RecordUnits, TarUnits
 from unigendet.inputs.images import open_image
-from unigendet.inputs.parquet import load_parquet_image_bytes
 from unigendet.inputs.records import read_t2i
+from unigendet.inputs.rows import Columns, TarRecords, image_source, read_table_t2i
 from unigendet.inputs.skips import SkipCounter
+from unigendet.inputs.tables import is_hf_saved
 
 
 @dataclass
@@ -18,9 +21,11 @@ class T2IFields:
     data module (:class:`GenStream`)."""
 
     image_column: str = "image"
-    """Parquet column holding the image bytes (LAION: ``jpg`` or ``image``)."""
+    """Parquet / HF dataset column holding the image (LAION: ``jpg`` or ``image``); tar shards: the image member's
+    extension (default: the first image member)."""
     caption_column: str = "caption"
-    """Parquet column holding the caption (LAION: ``TEXT`` or ``caption``)."""
+    """Parquet / HF dataset column holding the caption (LAION: ``TEXT`` or ``caption``); tar shards: the ``.txt``
+    member, else this key of the ``.json`` member."""
     max_caption_chars: int = 2000
     caption_dropout: float = 0.1
     """Probability of dropping the caption split (the unconditional branch for classifier-free guidance)."""
@@ -31,8 +36,9 @@ class T2IFields:
 
 @dataclass(eq=False, repr=False)
 class T2IDataModule(T2IFields, StreamDataModule):
-    """``train`` / ``val`` / ``test``: metadata JSON/JSONL of {"image_path", "prompt"}, a Parquet file, or a folder
-    of Parquet shards."""
+    """``train`` / ``val`` / ``test``: metadata JSON/JSONL of {"image_path", "prompt"}, a Parquet file, a folder
+    of Parquet shards, a saved HF dataset folder, or tar shards (``laion/{00000..41455}.tar``, a folder of
+    ``*.tar``)."""
 
     @property
     def detection(self):
@@ -42,20 +48,31 @@ class T2IDataModule(T2IFields, StreamDataModule):
     def text_to_image(self) -> T2IDataModule:
         return self
 
+    def columns(self) -> Columns:
+        return Columns(image=self.image_column, caption=self.caption_column, max_caption_chars=self.max_caption_chars)
+
     def records(self, split: str):
         path = self._path(split)
-        recs = list(read_t2i(path, self.read_skips, image_column=self.image_column,
-                             caption_column=self.caption_column, max_caption_chars=self.max_caption_chars))
+        recs = self.tar_records(split, TarRecords("t2i", self.columns()))
+        if recs is None and is_hf_saved(path):
+            recs = read_table_t2i(path, self.read_skips, self.columns())
+        elif recs is None:
+            recs = read_t2i(path, self.read_skips, image_column=self.image_column, caption_column=self.caption_column,
+                            max_caption_chars=self.max_caption_chars)
+        recs = list(recs)
         if not recs:
             raise ValueError(f"{path}: no usable text-to-image records (skipped: {dict(self.read_skips.counts)})")
         return recs
 
+    def units(self, split: str) -> RecordUnits | TarUnits:
+        tar = self.tar_units(split, TarRecords("t2i", self.columns()))
+        return super().units(split) if tar is None else tar
+
     def record_image(self, split: str, rec, skips: SkipCounter | None = None):
         skips = self.read_skips if skips is None else skips
-        if rec.shard is not None:
-            return open_image(load_parquet_image_bytes(rec.shard, rec.row, self.image_column), skips, rec.id)
         path = self._path(split)
-        return open_image(rec.image, skips, rec.id, root=path if path.is_dir() else path.parent)
+        source, root = image_source(rec, self.image_column, path if path.is_dir() else path.parent)
+        return open_image(source, skips, rec.id, root=root)
 
     def planner(self, split: str) -> T2IPlanner:
         path = self._path(split)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from data_modules.stream import PackedStream, plan_tokens
@@ -163,20 +166,71 @@ def test_state_of_another_rank_is_refused():
         other.load_state_dict(state)
 
 
-def test_state_from_another_world_size_restarts_its_record_epoch(caplog):
-    """A run resumed on fewer processes: the saved record epoch starts again from its beginning, logged."""
-    recs = records()
-    two = make(recs, rank=0, world_size=2, packs_per_epoch=200)
-    it = iter(two)
-    while two.state_dict()["epoch"] < 1 or two.state_dict()["pos"] < 3:  # into the second record epoch
-        next(it)
-    state = two.state_dict()
-    one = make(recs, rank=0, world_size=1, packs_per_epoch=200)
-    with caplog.at_level("WARNING", logger="unigendet.data"):
-        one.load_state_dict(state)
-    assert "record epoch 1 restarts" in caplog.text
-    resumed = ids_of([next(iter(one)) for _ in range(1)])
-    assert resumed == [recs[i].id for i in one.shard_order(1, 0, 1)[: len(resumed)]]
+def train_layout(recs, carried, world, workers, packs):
+    """Train ``packs`` packs on each of ``world`` ranks (``workers`` loader workers each), starting from the
+    progress of every rank of the previous layout (``carried``; None: a fresh run); returns (trained record keys,
+    each rank's progress). Packs the loader prefetched but nobody trained are not recorded, as in training."""
+    keys, out = [], []
+    for rank in range(world):
+        ds = make(recs, rank=rank, world_size=world, num_workers=workers, packs_per_epoch=10_000)
+        if carried is not None:
+            ds.reshard(carried)
+        it = iter(loader(ds, workers))
+        for _ in range(packs):
+            b = next(it)
+            ds.record(b)
+            keys += b.stats["records"]
+        del it
+        out.append(ds.progress())
+    return keys, out
+
+
+def passes_done(progress) -> int:
+    """Record epochs every shard of the layout has finished."""
+    return min(st["epoch"] for p in progress for st in p["workers"].values())
+
+
+@pytest.mark.parametrize(("layouts", "workers"), [((2, 1), 0), ((1, 2), 0), ((2, 1), 2), ((1, 2), 2),
+                                                  ((2, 3, 1), 0), ((1, 2), (0, 2))])
+def test_a_pass_continues_on_another_layout_without_repeating_or_skipping(layouts, workers):
+    """Ranks x workers change between checkpoints (2 -> 1, 1 -> 2, 2 -> 3 -> 1 processes; 0 or 2 loader workers,
+    or more workers after the resume): the record epochs begun before the change are finished after it, every
+    record trained exactly once per epoch, as in one uninterrupted pass."""
+    recs = records(97) + [Rec("bad", -1)]
+    workers = workers if isinstance(workers, tuple) else (workers,) * len(layouts)
+    trained, progress = [], None
+    for i, (world, w) in enumerate(zip(layouts, workers, strict=True)):
+        last = i == len(layouts) - 1
+        keys, progress = train_layout(recs, progress, world, w, 60 if last else 3)
+        trained += keys
+        if not last:
+            assert passes_done(progress) == 0  # the change happens in the middle of the first pass
+    assert passes_done(progress) >= 2
+    per_epoch = Counter((e, recs[i].id) for e, i in trained if e < 2)
+    uninterrupted = Counter((e, r.id) for e in range(2) for r in recs if r.n >= 0)
+    assert per_epoch == uninterrupted
+
+
+def test_a_carried_pass_goes_through_a_checkpoint_and_its_first_samples_are_the_remainder():
+    recs = records(40)
+    keys, old = train_layout(recs, None, 2, 0, 3)
+    taken = {i for e, i in keys if e == 0}
+    one = make(recs, world_size=1, packs_per_epoch=10_000)
+    one.reshard(old)
+    saved = torch.load(_roundtrip(one.progress()), weights_only=True)  # the carry is plain data
+    again = make(recs, world_size=1, packs_per_epoch=10_000)
+    again.set_progress(saved)
+    first = next(iter(loader(again)))
+    assert first.stats["records"][0][0] == 0 and not taken & {i for _, i in first.stats["records"]}
+
+
+def _roundtrip(obj):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
 
 
 def test_plan_tokens_matches_the_packer():
@@ -186,3 +240,20 @@ def test_plan_tokens_matches_the_packer():
 
     for plan in plans + mixed_plans(CFG) + mixed_plans(CFG, with_latents=True):
         assert plan_tokens(plan, CFG) == pack([plan], CFG).seq_len
+
+
+@settings(max_examples=25, deadline=None)
+@given(layouts=st.lists(st.tuples(st.integers(1, 4), st.integers(1, 6)), min_size=1, max_size=4),
+       seed=st.integers(0, 99))
+def test_any_sequence_of_layouts_trains_each_record_once_per_pass(layouts, seed):
+    """Property: whatever the sequence of world sizes and of packs trained between changes (possibly crossing
+    record epochs, possibly 0 progress on some shard), each finished pass trains every record exactly once."""
+    recs = records(41, seed=seed)
+    trained, progress = [], None
+    for world, packs in [*layouts, (2, 80)]:
+        keys, progress = train_layout(recs, progress, world, 0, packs)
+        trained += keys
+    done = passes_done(progress)
+    assert done >= 1
+    per_epoch = Counter((e, recs[i].id) for e, i in trained if e < done)
+    assert per_epoch == Counter((e, r.id) for e in range(done) for r in recs)

@@ -88,22 +88,26 @@ def run_state(checkpoint: dict[str, Any], config: dict, counters: dict, data) ->
 
 def restore_run_state(checkpoint: dict[str, Any], data) -> tuple[dict, dict | None]:
     """Checks the tokenizer, restores this rank's data positions; returns (counters, this rank's RNG states to set
-    when training resumes, or None). Written by another number of processes, only weights and optimiser states carry
-    over (resharded exactly), with a warning."""
+    when training resumes, or None). Written by another number of processes (or loader workers), the data pass
+    continues resharded over this layout (``resume_train_progress``); the RNG states of another number of processes
+    are not restored (warned)."""
     state = checkpoint.get("unigendet", {})
     check_tokenizer(data, state.get("tokenizer_json"))
     ranks = state.get("ranks") or []
     rank, size = world()
-    rng = None
-    if len(ranks) == size:
+    same_layout = len(ranks) == size
+    if ranks and data is not None:  # the data decides whether its layout (ranks x loader workers) is the same
+        same_layout = data.resume_train_progress([r.get("progress") for r in ranks])
+    if same_layout and len(ranks) == size:
         set_loader_states(checkpoint, ranks[rank]["loaders"])
-        if data is not None:
-            data.set_train_progress(ranks[rank].get("progress"))
-        rng = ranks[rank]["rng"]  # set when training resumes: loader setup draws from it first
-    elif ranks:
+    else:
+        set_loader_states(checkpoint, [])  # another layout's loader states: the resharded progress replaces them
+    rng = ranks[rank]["rng"] if len(ranks) == size else None  # set when training resumes (loader setup draws first)
+    if ranks and len(ranks) != size:
         log.warning("checkpoint written by %d processes, resumed by %d: weights and optimiser states are "
-                    "resharded exactly; RNG states are not restored and each data stream restarts its record "
-                    "epoch", len(ranks), size)
+                    "resharded exactly; RNG states are not restored; %s", len(ranks), size,
+                    "the data pass continues where it was, resharded" if data is not None
+                    else "the data loaders start again")
     return state.get("counters", {}), rng
 
 

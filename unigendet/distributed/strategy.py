@@ -13,7 +13,11 @@ Features:
   of the files) and verified before it is loaded (each rank checks a share; any damage stops every rank with the
   same one-line error, and ``--ckpt_path last`` falls back to the newest intact checkpoint:
   :mod:`unigendet.checkpoint.fallback`);
-* ``save_distributed_checkpoint=False``: one file gathered on rank 0, written atomically.
+* ``save_distributed_checkpoint=False``: one file gathered on rank 0, written atomically;
+* every trainable parameter has an optimiser state in the checkpoint (:func:`fill_optimizer_state`): torch's
+  loader expects one for each (it initialises them all before loading), while AdamW creates one only at a
+  parameter's first gradient, so a stage that leaves some parameters without gradients (GDUF never uses the DIGA
+  projection) could not be resumed.
 
 Registered as ``fsdp2`` when this module is imported (``python -m unigendet fit`` does):
 ``--trainer.strategy=fsdp2``, or in YAML with arguments::
@@ -53,6 +57,10 @@ class FSDP2Strategy(ModelParallelStrategy):
             self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
         failure.register(self)  # host and pid of each rank, for the message when one fails
+
+    def optimizer_state(self, optimizer) -> dict[str, Any]:
+        fill_optimizer_state(optimizer)
+        return super().optimizer_state(optimizer)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
         if not self._save_distributed_checkpoint:
@@ -102,6 +110,29 @@ class FSDP2Strategy(ModelParallelStrategy):
         found = [d for d in gather_per_rank(damage) if d]
         if found:
             raise CheckpointError(found[0])
+
+
+def fill_optimizer_state(optimizer) -> int:
+    """Give each trainable parameter that has no optimiser state yet the state it would start with (zeros, step 0),
+    shaped like a stepped parameter's; returns how many were filled. Nothing happens before the first step (torch
+    then initialises every state itself). Behaviour is unchanged: AdamW skips parameters without gradients and
+    starts a state of zeros at step 0 exactly like a fresh one."""
+    import torch
+
+    ref = next(((p, optimizer.state[p]) for g in optimizer.param_groups for p in g["params"] if optimizer.state.get(p)),
+               None)
+    if ref is None:
+        return 0
+    ref_p, ref_state = ref
+    filled = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.requires_grad and not optimizer.state.get(p):
+                optimizer.state[p] = {k: (torch.zeros_like(p) if torch.is_tensor(v) and v.shape == ref_p.shape
+                                          else torch.zeros_like(v) if torch.is_tensor(v) else type(v)())
+                                      for k, v in ref_state.items()}
+                filled += 1
+    return filled
 
 
 def register() -> None:

@@ -29,7 +29,7 @@ import logging
 import os
 import posixpath
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,9 @@ class DetectionRecord:
     prompt: str  # the first human turn without the <image> tag
     answer: str  # the first gpt turn ("This is a fake image. ...")
     cate: str | None = None
+    shard: str | None = None  # tabular corpora (Parquet, Arrow): the file and row holding the image
+    row: int | None = None
+    blob: bytes | None = field(default=None, repr=False)  # tar shards: the encoded image itself
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class T2IRecord:
     image: str | None = None  # metadata corpora: path relative to the metadata file's folder
     shard: str | None = None  # parquet corpora: shard file and row
     row: int | None = None
+    blob: bytes | None = field(default=None, repr=False)  # tar shards: the encoded image itself
 
 
 #####################################################################################################
@@ -173,15 +177,8 @@ def read_detection(path: str | os.PathLike, skips: SkipCounter, *, image_root: s
         if type(label) is not int or label not in (0, 1):  # bools, strings, floats, 2, null are all bad
             skips.skip("bad_label", rid, f"label {label!r}")
             continue
-        conv = _conversation(rec.get("conversations"), max_text_chars)
-        if conv[0] != "ok":
-            skips.skip(conv[0], rid, conv[1])
-            continue
-        _, prompt, answer = conv
-        if prompt_override is not None:
-            prompt = prompt_override
-        elif not prompt:
-            skips.skip("empty_conversation", rid, "empty human turn")
+        texts = detection_texts(rec.get("conversations"), rid, skips, prompt_override, max_text_chars)
+        if texts is None:
             continue
         image = rec.get("image")
         reason = _path_reason(image)
@@ -189,8 +186,24 @@ def read_detection(path: str | os.PathLike, skips: SkipCounter, *, image_root: s
             skips.skip(reason[0], rid, reason[1])
             continue
         cate = rec.get("cate")
-        yield DetectionRecord(id=rid, image=image, label=label, prompt=prompt, answer=answer,
+        yield DetectionRecord(id=rid, image=image, label=label, prompt=texts[0], answer=texts[1],
                               cate=cate if isinstance(cate, str) else None)
+
+
+def detection_texts(conversations: Any, rid: str, skips: SkipCounter, prompt_override: str | None = None,
+                    max_text_chars: int = MAX_TEXT_CHARS) -> tuple[str, str] | None:
+    """(prompt, answer) of a FakeClue ``conversations`` field, or None after counting why it is unusable."""
+    conv = _conversation(conversations, max_text_chars)
+    if conv[0] != "ok":
+        skips.skip(conv[0], rid, conv[1])
+        return None
+    _, prompt, answer = conv
+    if prompt_override is not None:
+        prompt = prompt_override
+    elif not prompt:
+        skips.skip("empty_conversation", rid, "empty human turn")
+        return None
+    return prompt, answer
 
 
 #####################################################################################################
@@ -203,7 +216,7 @@ def t2i_image_root(path: str | os.PathLike) -> Path:
     return Path(path).parent
 
 
-def _caption_reason(caption: Any, max_chars: int) -> tuple[str, str] | None:
+def caption_reason(caption: Any, max_chars: int) -> tuple[str, str] | None:
     if caption is None or (isinstance(caption, str) and not caption.strip()):
         return "bad_text", "empty caption"
     return _text_reason(caption, max_chars)
@@ -247,7 +260,7 @@ def read_t2i(path: str | os.PathLike, skips: SkipCounter, *, image_column: str =
     else:
         for rid, rec in iter_json_records(path, skips):
             prompt = rec.get("prompt")
-            reason = _caption_reason(prompt, max_caption_chars) or _path_reason(rec.get("image_path"))
+            reason = caption_reason(prompt, max_caption_chars) or _path_reason(rec.get("image_path"))
             if reason:
                 skips.skip(reason[0], rid, reason[1])
                 continue
@@ -267,5 +280,5 @@ def open_t2i_images(path: str | os.PathLike, skips: SkipCounter) -> list[tuple[s
 def _parquet_records(shards: list[Path], skips: SkipCounter, image_column: str, caption_column: str, max_chars: int,
                      lenient: bool) -> Iterator[T2IRecord]:
     for rid, caption, shard, row in iter_parquet_captions(shards, skips, image_column, caption_column,
-                                                          lambda c: _caption_reason(c, max_chars), lenient):
+                                                          lambda c: caption_reason(c, max_chars), lenient):
         yield T2IRecord(id=rid, prompt=caption, shard=shard, row=row)

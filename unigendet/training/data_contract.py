@@ -65,8 +65,10 @@ class TrainingData(Protocol):
     def train_progress(self) -> Any:
         """The training stream's position, for a checkpoint."""
 
-    def set_train_progress(self, progress) -> None:
-        """Restore a position from a checkpoint."""
+    def resume_train_progress(self, ranks: list) -> bool:
+        """Restore the position from a checkpoint's per-rank progress (``ranks[r]``: what rank r saved). True: this
+        rank's own position was restored (same layout), and so may the loader states be; False: the pass was
+        resharded over this layout and the checkpoint's loader states do not apply."""
 
     def skip_metrics(self, batch) -> dict[str, int]:
         """``data/skipped/<reason>`` counts, for the training logs."""
