@@ -119,32 +119,35 @@ def _cell_reader(path: str, pid: int) -> _ParquetCellReader:
     return _ParquetCellReader(path)
 
 
-def load_parquet_image_bytes(shard: str | os.PathLike, row: int, image_column: str = "image") -> bytes | None:
-    """The image bytes of one Parquet cell, or None when the cell is null, holds no bytes or cannot be read.
-
-    The open file is cached per process (16 shards); only the row group holding ``row`` is touched, in small batches.
-    Accepts raw binary cells and ``{"bytes": ..., "path": ...}`` structs (HF ``datasets`` / LAION style).
-
-    A damaged data page is logged and gives None (then counted as ``unreadable_image`` by ``open_image``).
+def load_parquet_cell(shard: str | os.PathLike, row: int, column: str) -> Any:
+    """One cell of a Parquet file (the open file is cached per process, 16 shards; only the row group holding ``row``
+    is touched, in small batches). A damaged data page is logged once per shard and gives None.
 
     Raises:
         IndexError: ``row`` is outside the shard.
-        KeyError: the shard has no column ``image_column``.
+        KeyError: the shard has no column ``column``.
     """
     import pyarrow as pa
 
     reader = _cell_reader(str(shard), os.getpid())
-    if image_column not in reader.pf.schema_arrow.names:
-        raise KeyError(f"{shard} has no column {image_column!r}")
+    if column not in reader.pf.schema_arrow.names:
+        raise KeyError(f"{shard} has no column {column!r}")
     try:
-        value = reader.read(row, image_column)
+        return reader.read(row, column)
     except (pa.ArrowException, OSError) as e:  # a damaged page: this cell is lost, the stream goes on
         reader._cursor = None
         if not reader.warned:
             reader.warned = True
             log.warning("cannot read %s row %d column %r (%s); further damaged cells of this shard are not logged",
-                        shard, row, image_column, e)
+                        shard, row, column, e)
         return None
+
+
+def load_parquet_image_bytes(shard: str | os.PathLike, row: int, image_column: str = "image") -> bytes | None:
+    """The image bytes of one Parquet cell (:func:`load_parquet_cell`), or None when the cell is null, holds no
+    bytes or cannot be read. Accepts raw binary cells and ``{"bytes": ..., "path": ...}`` structs (HF ``datasets``
+    / LAION style); a damaged page gives None (then counted as ``unreadable_image`` by ``open_image``)."""
+    value = load_parquet_cell(shard, row, image_column)
     if isinstance(value, dict):
         value = value.get("bytes")
     if isinstance(value, (bytes, bytearray, memoryview)) and len(value):

@@ -24,7 +24,6 @@ from typing import Any
 from unigendet.constants import DETECTION_PROMPT
 from unigendet.inputs import tables
 from unigendet.inputs.json_stream import CorpusError
-from unigendet.inputs.parquet import load_parquet_image_bytes
 from unigendet.inputs.records import (
     MAX_CAPTION_CHARS,
     MAX_TEXT_CHARS,
@@ -218,7 +217,5 @@ def image_source(rec, image_column: str, root=None) -> tuple[Any, Any]:
     if getattr(rec, "blob", None) is not None:
         return rec.blob, None
     if rec.shard is not None:
-        if Path(rec.shard).suffix == ".arrow":
-            return tables.image_value(tables.load_cell(rec.shard, rec.row, image_column), Path(rec.shard).parent), None
-        return load_parquet_image_bytes(rec.shard, rec.row, image_column), None
+        return tables.image_value(tables.load_cell(rec.shard, rec.row, image_column), Path(rec.shard).parent), None
     return rec.image, root

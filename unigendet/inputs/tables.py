@@ -136,19 +136,17 @@ def _batch_rows(file: Path, batch, present: list[str], columns: list[str], start
 
 
 def load_cell(file: str | os.PathLike, row: int, column: str) -> Any:
-    """One cell (a loader worker reads the image this way). Raises KeyError for an unknown column."""
+    """One cell (a loader worker reads the image this way; a damaged Parquet page gives None, logged). Raises
+    KeyError for an unknown column."""
     file = Path(file)
     if file.suffix == ".arrow":
         table = _arrow_table(str(file), os.getpid())
         if column not in table.schema.names:
             raise KeyError(f"{file} has no column {column!r}")
         return table.column(column)[row].as_py()
-    from unigendet.inputs.parquet import _cell_reader
+    from unigendet.inputs.parquet import load_parquet_cell
 
-    reader = _cell_reader(str(file), os.getpid())
-    if column not in reader.pf.schema_arrow.names:
-        raise KeyError(f"{file} has no column {column!r}")
-    return reader.read(row, column)
+    return load_parquet_cell(file, row, column)
 
 
 def image_value(cell: Any, base: Path) -> bytes | str | None:
