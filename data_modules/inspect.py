@@ -2,7 +2,11 @@
 
 Features:
 
-* **The same code path as training**: :func:`~unigendet.inputs.records.read_detection` / ``read_t2i``,
+* **Every corpus format training reads**: FakeClue JSON / JSONL, T2I metadata files, Parquet files and folders, Hugging
+  Face datasets saved to disk (``save_to_disk`` folders) and WebDataset / img2dataset tar shards (brace patterns,
+  folders); damaged shards count ``truncated_tar`` / ``corrupt_tar``.
+* **The same code path as training**: :func:`~unigendet.inputs.records.read_detection` / ``read_t2i``, the table and
+  tar readers of :mod:`unigendet.inputs.rows`,
   :func:`~unigendet.inputs.images.open_image` and the ViT + VAE transforms of the chosen preset (detection records go
   through both, T2I records through the VAE one), so every record that would be skipped in training is skipped and
   counted here, per reason, with one example id each.
@@ -27,16 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from unigendet.inputs.images import MAX_PIXELS, open_image
-from unigendet.inputs.parquet import load_parquet_image_bytes
-from unigendet.inputs.records import (
-    CorpusError,
-    DetectionRecord,
-    T2IRecord,
-    read_detection,
-    read_t2i,
-    t2i_image_root,
-)
+from unigendet.inputs.records import CorpusError, read_detection, read_t2i, t2i_image_root
+from unigendet.inputs.rows import Columns, TarRecords, image_source, read_table_detection, read_table_t2i
 from unigendet.inputs.skips import SkipCounter
+from unigendet.inputs.tables import is_hf_saved, is_table
+from unigendet.inputs.tar_shards import expand_shards, is_tar_spec, iter_samples
 
 DEFAULT_PRESET = "bagel-7b-mot"
 
@@ -73,23 +72,14 @@ def _check_chunk(kind: str, records: list, root: Path | None, cfg: Any, max_pixe
     vit_tf, vae_tf = vit_transform(cfg), vae_transform(cfg)
     delivered = 0
     for rec in records:
-        if kind == "detection":
-            rec: DetectionRecord
-            img = open_image(rec.image, skips, rec.id, root=root, max_pixels=max_pixels)
-            ok = img is not None and vit_tf.apply(img, skips, rec.id) is not None \
-                and vae_tf.apply(img, skips, rec.id) is not None
-        else:
-            rec: T2IRecord
-            if rec.shard is not None:
-                try:
-                    source = load_parquet_image_bytes(rec.shard, rec.row, image_column)
-                except Exception as e:  # a damaged page of the shard: that record is skipped, counted
-                    skips.skip("unreadable_image", rec.id, f"cannot read the Parquet cell: {e}")
-                    continue
-                img = open_image(source, skips, rec.id, max_pixels=max_pixels)
-            else:
-                img = open_image(rec.image, skips, rec.id, root=root, max_pixels=max_pixels)
-            ok = img is not None and vae_tf.apply(img, skips, rec.id) is not None
+        try:
+            source, where = image_source(rec, image_column, root)
+        except (IndexError, KeyError, OSError) as e:  # a damaged table: that record is skipped, counted
+            skips.skip("unreadable_image", rec.id, f"cannot read the image cell: {e}")
+            continue
+        img = open_image(source, skips, rec.id, root=where, max_pixels=max_pixels)
+        ok = img is not None and (kind != "detection" or vit_tf.apply(img, skips, rec.id) is not None) \
+            and vae_tf.apply(img, skips, rec.id) is not None
         delivered += ok
     return delivered, skips.state_dict()
 
@@ -111,22 +101,48 @@ def _chunks(records: Iterator, size: int) -> Iterator[list]:
         yield chunk
 
 
+def tar_records(spec: str | os.PathLike, skips: SkipCounter, to_record: TarRecords) -> Iterator:
+    """Every record of the tar shards ``spec`` names, shard after shard (bad samples counted in ``skips``)."""
+    for shard in expand_shards(spec, skips):
+        for sample in iter_samples(shard, skips):
+            rec = to_record(sample, skips)
+            if rec is not None:
+                yield rec
+
+
+def corpus_records(kind: str, path: str | os.PathLike, skips: SkipCounter, cols: Columns) -> Iterator:
+    """The records of a detection or T2I corpus in any format training reads."""
+    if is_tar_spec(path):
+        return tar_records(path, skips, TarRecords(kind, cols))
+    if kind == "detection":
+        return read_table_detection(path, skips, cols) if is_table(path) else read_detection(path, skips)
+    if is_hf_saved(path):
+        return read_table_t2i(path, skips, cols)
+    return read_t2i(path, skips, image_column=cols.image, caption_column=cols.caption)
+
+
 def inspect_data(detection: str | os.PathLike | None = None, t2i: str | os.PathLike | None = None,
                  image_root: str | os.PathLike | None = None, cfg: Any = None, limit: int | None = None,
                  progress: bool = True, *, image_column: str = "image", caption_column: str = "caption",
+                 label_column: str = "label", conversation_column: str | None = "conversations",
                  max_pixels: int = MAX_PIXELS, workers: int = 0, chunk_size: int = 64) -> dict:
     """Stream the corpora through readers, image decoding and transforms; count what would be delivered or skipped.
 
     Args:
-        detection: a FakeClue JSON / JSONL file.
-        t2i: a T2I metadata file, Parquet file or folder of Parquet shards.
+        detection: a FakeClue JSON / JSONL file, a saved HF dataset folder, Parquet file(s) or tar shards.
+        t2i: a T2I metadata file, Parquet file or folder of Parquet shards, a saved HF dataset folder or tar shards
+            (``laion/{00000..00099}.tar``, a folder of ``*.tar``).
         image_root: the detection images' root (default: the detection file's folder). T2I metadata paths are
             relative to the metadata file's folder.
         cfg: a ``UniGenDetConfig`` or a preset name (default ``bagel-7b-mot``); gives the transforms' strides/bounds.
         limit: read at most this many records (delivered or skipped) of each corpus.
         progress: show a progress bar on stderr.
-        image_column: Parquet image column (raw bytes or a ``{"bytes": ...}`` struct).
-        caption_column: Parquet caption column.
+        image_column: table image column (raw bytes or a ``{"bytes": ...}`` struct); tar shards: the image member's
+            extension (default: the first image member).
+        caption_column: table caption column; tar shards: the ``.txt`` member, else this ``.json`` key.
+        label_column: detection tables and tar ``.json``: the label field.
+        conversation_column: detection tables and tar ``.json``: the FakeClue conversation field (None or absent:
+            verdict-only answers).
         max_pixels: decompression-bomb limit for one image.
         workers: decode in this many processes (0: in this process). Results do not depend on it.
         chunk_size: records per task sent to a worker.
@@ -149,12 +165,14 @@ def inspect_data(detection: str | os.PathLike | None = None, t2i: str | os.PathL
     skips = SkipCounter()
     delivered = 0
     jobs = []
+    cols = Columns(image=image_column, caption=caption_column, label=label_column,
+                   conversations=conversation_column)
     if detection is not None:
         root = Path(image_root) if image_root is not None else Path(detection).parent
-        jobs.append(("detection", _limited(read_detection(detection, skips), limit), root))
+        jobs.append(("detection", _limited(corpus_records("detection", detection, skips, cols), limit), root))
     if t2i is not None:
-        records = _limited(read_t2i(t2i, skips, image_column=image_column, caption_column=caption_column), limit)
-        jobs.append(("t2i", records, t2i_image_root(t2i)))
+        root = Path(t2i) if Path(t2i).is_dir() else t2i_image_root(t2i)
+        jobs.append(("t2i", _limited(corpus_records("t2i", t2i, skips, cols), limit), root))
 
     pool = ProcessPoolExecutor(workers, initializer=_quiet_worker) if workers > 0 else None
     try:
@@ -196,14 +214,23 @@ def _ordered(pool, kind: str, chunks: Iterator[list], args: tuple, depth: int):
 
 def add_inspect_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``inspect-data`` options to ``parser`` (a subcommand parser or a standalone one)."""
-    parser.add_argument("--detection", help="FakeClue-style JSON list or JSON Lines file")
+    parser.add_argument("--detection", help="FakeClue-style JSON list or JSON Lines file, a saved Hugging Face dataset "
+                                            "folder, Parquet file(s), or tar shards (a brace pattern or a folder)")
     parser.add_argument("--image-root", help="root of the detection images (default: the detection file's folder)")
-    parser.add_argument("--t2i", help="T2I metadata JSON/JSONL, a Parquet file, or a folder of Parquet shards")
+    parser.add_argument("--t2i", help="T2I metadata JSON/JSONL, a Parquet file or folder of Parquet shards, a saved "
+                                      "Hugging Face dataset folder, or img2dataset tar shards "
+                                      "('laion/{00000..00099}.tar')")
     parser.add_argument("--preset", default=DEFAULT_PRESET,
                         help=f"model preset whose ViT/VAE transforms are applied (default {DEFAULT_PRESET})")
     parser.add_argument("--limit", type=int, default=None, help="read at most N records of each corpus")
-    parser.add_argument("--image-column", default="image", help="Parquet image column (default: image)")
-    parser.add_argument("--caption-column", default="caption", help="Parquet caption column (default: caption)")
+    parser.add_argument("--image-column", default="image",
+                        help="image column of a table; in tar shards the image member's extension (default: image, "
+                             "i.e. the first image member)")
+    parser.add_argument("--caption-column", default="caption",
+                        help="caption column of a table; in tar shards the .json key used when there is no .txt")
+    parser.add_argument("--label-column", default="label", help="detection label column / .json key")
+    parser.add_argument("--conversation-column", default="conversations",
+                        help="detection FakeClue conversation column / .json key ('none': verdict-only answers)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     cpus = os.cpu_count() or 1
     parser.add_argument("--workers", type=int, default=min(8, cpus) if cpus > 2 else 0,
@@ -220,7 +247,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     try:
         report = inspect_data(detection=args.detection, t2i=args.t2i, image_root=args.image_root, cfg=args.preset,
                               limit=args.limit, progress=not args.no_progress, image_column=args.image_column,
-                              caption_column=args.caption_column, workers=args.workers)
+                              caption_column=args.caption_column, label_column=args.label_column,
+                              conversation_column=None if args.conversation_column.lower() == "none"
+                              else args.conversation_column, workers=args.workers)
     except (CorpusError, OSError, ValueError) as e:
         print(f"unigendet inspect-data: error: {e}", file=sys.stderr)
         return 2

@@ -7,6 +7,11 @@ commands name, built by the test, so that the commands run as written.
 * ``fakeclue/data_json/{train,test}.json`` + ``fakeclue/images``: the FakeClue layout, 16 records each (both labels,
   32 x 32 px) from the demo corpus's detection train / val records;
 * ``laion/shards/*.parquet``: two Parquet shards with ``jpg`` (image bytes) and ``TEXT`` columns, 16 records;
+* ``laion/tars/{00000..00001}.tar``: the same records as img2dataset tar shards (``key.jpg`` + ``.txt`` + ``.json``);
+* ``laion_hf/train``: the same records as a Hugging Face ``save_to_disk`` folder (``jpg``, ``TEXT`` columns);
+* ``fakeclue_hf/train`` (``save_to_disk``), ``fakeclue_hf.parquet`` (its Parquet export) and
+  ``fakeclue_tars/{00000..00001}.tar`` (``key.jpg`` + ``key.json`` with label, cate, conversations): the FakeClue
+  train records in the formats users hold them in;
 * ``laion_heldout/test.jsonl``: the demo corpus's held-out text-to-image records;
 * ``/models/BAGEL-7B-MoT`` -> ``<ws>/models/BAGEL-7B-MoT``: a BAGEL-format folder of a test-sized network (8 decoder
   layers of width 64, so the configs' DIGA layers exist; 512 px generation) with the corpus's tokenizer;
@@ -89,6 +94,46 @@ def laion_shards(t2i: Path, out: Path, n_shards: int = 2) -> None:
         pq.write_table(table, out / f"{k:05d}.parquet")
 
 
+def tar_shards(out: Path, samples: list[tuple[str, dict[str, bytes]]], n_shards: int = 2) -> None:
+    """``samples`` (key, {field: bytes}) as WebDataset tar shards ``00000.tar``.. (members ``key.field``)."""
+    import tarfile
+
+    out.mkdir(parents=True)
+    for k in range(n_shards):
+        with tarfile.open(out / f"{k:05d}.tar", "w", format=tarfile.USTAR_FORMAT) as tf:
+            for key, fields in samples[k::n_shards]:
+                for field, data in fields.items():
+                    info = tarfile.TarInfo(f"{key}.{field}")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+
+
+def other_formats(ws: Path, t2i: Path) -> None:
+    """The LAION and FakeClue records again as tar shards, saved HF datasets and a Parquet export."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    rows = [json.loads(line) for line in (t2i / "train.jsonl").read_text().splitlines()][:N_RECORDS]
+    jpgs = [_jpeg(t2i / r["image_path"]) for r in rows]
+    meta = [json.dumps({"caption": r["prompt"], "key": f"{i:09d}"}).encode() for i, r in enumerate(rows)]
+    tar_shards(ws / "laion" / "tars", [(f"{i:09d}", {"jpg": jpgs[i], "txt": r["prompt"].encode(), "json": meta[i]})
+                                       for i, r in enumerate(rows)])
+    datasets.Dataset.from_dict({"jpg": jpgs, "TEXT": [r["prompt"] for r in rows]}).save_to_disk(
+        str(ws / "laion_hf" / "train"))
+    det = json.loads((ws / "fakeclue" / "data_json" / "train.json").read_text())
+    images = [(ws / "fakeclue" / r["image"]).read_bytes() for r in det]
+    text = datasets.Value("string")
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["fake", "real"]),
+                               "cate": text, "conversations": [{"from": text, "value": text}]})
+    ds = datasets.Dataset.from_dict({"image": [{"bytes": b, "path": None} for b in images],
+                                     "label": [r["label"] for r in det], "cate": [r["cate"] for r in det],
+                                     "conversations": [r["conversations"] for r in det]}, features=feats)
+    ds.save_to_disk(str(ws / "fakeclue_hf" / "train"))
+    ds.to_parquet(str(ws / "fakeclue_hf.parquet"))
+    tar_shards(ws / "fakeclue_tars", [(f"{i:06d}", {"jpg": _jpeg(ws / "fakeclue" / r["image"]), "json": json.dumps(
+        {k: r[k] for k in ("label", "cate", "conversations")}).encode()}) for i, r in enumerate(det)])
+
+
 def _jpeg(path: Path) -> bytes:
     buf = io.BytesIO()
     _small(path).save(buf, format="JPEG", quality=95)
@@ -109,6 +154,7 @@ def build(ws: Path) -> Path:
     det = corpus / "detection"
     fakeclue(det, ws / "fakeclue", {"train": "train.json", "test": "val.json"})
     laion_shards(corpus / "t2i", ws / "laion" / "shards")
+    other_formats(ws, corpus / "t2i")
     (ws / "laion_heldout").mkdir()
     shutil.copyfile(corpus / "t2i" / "test.jsonl", ws / "laion_heldout" / "test.jsonl")
     shutil.copytree(corpus / "t2i" / "images", ws / "laion_heldout" / "images")
