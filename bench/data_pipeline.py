@@ -16,10 +16,15 @@ Corpora (written to a temp dir, or to ``--data-dir`` and reused from there):
   ViT/VAE transforms (config only, no model). Its tokenizer is a small BPE trained on its text; the preset's special
   token ids are overridden to match it (only the image sizes of the preset matter here).
 
+``--formats`` reads the jpeg512 corpus as ``files`` (JSON + image files, the default), ``parquet`` (8 Parquet files,
+image bytes in a column: ``image`` + ``label`` + ``conversations`` / ``caption``) and ``tar`` (8 WebDataset shards:
+``key.jpg`` + ``key.json`` / ``key.txt``, streamed 4 shards at a time per worker): the same images and text.
+
 One JSON line per configuration.
 
     python bench/data_pipeline.py                                   # demo + jpeg512, workers 0 1 2 (about 2 min)
     python bench/data_pipeline.py --corpora jpeg512 --presets bagel-7b-mot --workers 0 4 8 16 --batches 40
+    python bench/data_pipeline.py --corpora jpeg512 --presets bagel-7b-mot --formats tar parquet --batches 16
 """
 
 from __future__ import annotations
@@ -102,6 +107,49 @@ def write_jpeg_corpus(out: Path, n_images: int = 256, size: int = 512, seed: int
             "tokenizer": str(out / "tokenizer.json")}
 
 
+N_SHARDS = 8
+
+
+def write_formats(out: Path, paths: dict) -> dict:
+    """The jpeg512 corpus again as Parquet files and as WebDataset tar shards (``N_SHARDS`` of each per side, the
+    same images and text); returns ``{"detection:parquet": ..., "t2i:tar": ..., ...}``."""
+    import io
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    det = json.loads(Path(paths["detection"]).read_text())
+    t2i = [json.loads(line) for line in Path(paths["t2i"]).read_text().splitlines()]
+    data = {rec["image"]: (out / rec["image"]).read_bytes() for rec in det}
+    formats = {}
+    for side, recs in (("detection", det), ("t2i", t2i)):
+        pq_dir, tar_dir = out / f"{side}_parquet", out / f"{side}_tars"
+        pq_dir.mkdir(exist_ok=True)
+        tar_dir.mkdir(exist_ok=True)
+        for k in range(N_SHARDS):
+            part = recs[k::N_SHARDS]
+            images = [data[r["image"] if side == "detection" else r["image_path"]] for r in part]
+            if side == "detection":
+                fields = ("label", "cate", "conversations")
+                table = pa.table({"image": images, **{f: [r[f] for r in part] for f in fields}})
+                members = [{"jpg": img, "json": json.dumps({f: r[f] for f in fields})}
+                           for img, r in zip(images, part, strict=True)]
+            else:
+                table = pa.table({"image": images, "caption": [r["prompt"] for r in part]})
+                members = [{"jpg": img, "txt": r["prompt"]} for img, r in zip(images, part, strict=True)]
+            pq.write_table(table, pq_dir / f"{k:05d}.parquet", row_group_size=64)
+            with tarfile.open(tar_dir / f"{k:05d}.tar", "w") as tf:
+                for i, fields in enumerate(members):
+                    for field, value in fields.items():
+                        raw = value if isinstance(value, bytes) else value.encode()
+                        info = tarfile.TarInfo(f"{k + i * N_SHARDS:09d}.{field}")  # the record's index
+                        info.size = len(raw)
+                        tf.addfile(info, io.BytesIO(raw))
+        formats[f"{side}:parquet"], formats[f"{side}:tar"] = str(pq_dir), f"{tar_dir}/{{00000..{N_SHARDS - 1:05d}}}.tar"
+    return formats
+
+
 def demo_paths(out: Path, size: str, seed: int = 0) -> dict:
     if not (out / "tokenizer.json").exists():
         sizes = {"full": FULL, "small": SMALL}[size]
@@ -179,23 +227,24 @@ def preset_config(preset: str, tokenizer: str) -> UniGenDetConfig:
 
 
 def make_datamodule(side: str, paths: dict, cfg: UniGenDetConfig, workers: int, budget: int, packs: int,
-                    seed: int = 0):
+                    seed: int = 0, fmt: str = "files"):
     cls = {"detection": DetectionDataModule, "t2i": T2IDataModule}[side]
-    dm = cls(train=paths[side], tokenizer=paths["tokenizer"], token_budget=budget, num_workers=workers,
-             packs_per_epoch=packs, seed=seed)
+    dm = cls(train=paths[side if fmt == "files" else f"{side}:{fmt}"], tokenizer=paths["tokenizer"],
+             token_budget=budget, num_workers=workers, packs_per_epoch=packs, seed=seed)
     return dm.connect(cfg)
 
 
-def run_config(corpus: str, paths: dict, preset: str, side: str, workers: int, args) -> dict:
+def run_config(corpus: str, paths: dict, preset: str, side: str, workers: int, args, fmt: str = "files") -> dict:
     budget = args.token_budget or BUDGETS.get(preset, 4096)
     cfg = preset_config(preset, paths["tokenizer"])
-    dm = make_datamodule(side, paths, cfg, workers, budget, packs=args.batches + 1, seed=args.seed)
+    dm = make_datamodule(side, paths, cfg, workers, budget, packs=args.batches + 1, seed=args.seed, fmt=fmt)
     m = measure(dm.train_dataloader(), args.batches, args.max_seconds)
     skipped = dict(dm.read_skips.counts)
     for reason, k in m["skipped"].items():
         skipped[reason] = skipped.get(reason, 0) + k
     el = m["elapsed_s"]
-    row = {"bench": "data_pipeline", "corpus": corpus, "preset": preset, "side": side, "workers": workers,
+    row = {"bench": "data_pipeline", "corpus": corpus, "format": fmt, "preset": preset, "side": side,
+           "workers": workers,
            "token_budget": budget, "batches": m["batches"], "samples": m["samples"], "tokens": m["tokens"],
            "elapsed_s": round(el, 6), "samples_per_s": round(m["samples"] / el, 2),
            "tokens_per_s": round(m["tokens"] / el), "tokens_per_batch": round(m["tokens"] / max(1, m["batches"])),
@@ -220,6 +269,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--demo-size", choices=["full", "small"], default="small",  # full takes ~1-2 min to build
                     help=f"demo corpus size: small {SMALL} or full {FULL} (same image sizes, so the same rates)")
     ap.add_argument("--jpeg-images", type=int, default=256)
+    ap.add_argument("--formats", nargs="+", choices=["files", "parquet", "tar"], default=["files"],
+                    help="how the jpeg512 corpus is stored (the demo corpus is always files)")
     ap.add_argument("--data-dir", type=Path, default=None, help="build (or reuse) the corpora here, not in a temp dir")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--main-threads", type=int, default=1,
@@ -242,13 +293,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          if not (out / "tokenizer.json").exists() else
                          {"detection": str(out / "detection.json"), "t2i": str(out / "t2i.jsonl"),
                           "tokenizer": str(out / "tokenizer.json")})
+                formats = args.formats
+                if set(formats) - {"files"}:
+                    paths = {**paths, **write_formats(out, paths)}
+            if corpus == "demo":
+                formats = ["files"]
             print(f"{corpus}: corpus ready in {time.perf_counter() - t0:.1f} s ({root})", file=sys.stderr, flush=True)
             for preset in args.presets or PRESETS[corpus]:
                 for side in args.sides:
-                    for workers in args.workers:
-                        row = run_config(corpus, paths, preset, side, workers, args)
-                        print(json.dumps(row), flush=True)
-                        rows.append(row)
+                    for fmt in formats:
+                        for workers in args.workers:
+                            row = run_config(corpus, paths, preset, side, workers, args, fmt)
+                            print(json.dumps(row), flush=True)
+                            rows.append(row)
     torch.set_num_threads(threads)
     return rows
 

@@ -104,3 +104,19 @@ def test_the_jpeg_corpus_reads_back_whole(jpeg_corpus, preset):
     assert (vit, vae) == {"demo": ((64, 64), (64, 64)), "bagel-7b-mot": ((518, 518), (512, 512))}[preset]
     labels = [r["label"] for r in json.loads((out / "detection.json").read_text())]
     assert sorted(set(labels)) == [0, 1]
+
+
+def test_the_same_images_as_tar_shards_and_parquet_read_whole(jpeg_corpus):
+    """--formats: the jpeg512 corpus rewritten as tar shards and Parquet files delivers every image of one pass, in
+    every format, without skips."""
+    from data_pipeline import main
+
+    out, _ = jpeg_corpus
+    rows = main(["--corpora", "jpeg512", "--jpeg-images", str(N_IMAGES), "--data-dir", str(out.parent),
+                 "--presets", "demo", "--formats", "files", "tar", "parquet", "--workers", "0", "--batches", "2",
+                 "--token-budget", "1024"])
+    assert [(r["side"], r["format"]) for r in rows] == [
+        (s, f) for s in ("detection", "t2i") for f in ("files", "tar", "parquet")]
+    for r in rows:
+        assert r["skipped"] == {} and r["samples"] > 0 and r["format"] in ("files", "tar", "parquet")
+    assert sorted(p.name for p in (out / "detection_tars").iterdir()) == [f"{k:05d}.tar" for k in range(8)]
