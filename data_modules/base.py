@@ -216,6 +216,8 @@ class StreamDataModule(L.LightningDataModule):
         states apply too); written by another, the pass is resharded over this layout (False: drop the loader
         states)."""
         rank, world = self._rank()
+        if all(p is None for p in ranks):  # the checkpoint saved no data positions
+            return len(ranks) == world
         own = next((p for p in ranks if p is not None and _layout(p) == (rank, world, self.num_workers)), None)
         if own is None and len(ranks) == world and ranks[rank] is not None and _layout(ranks[rank]) is None:
             own = ranks[rank]  # written before layouts were saved: the same number of ranks is trusted

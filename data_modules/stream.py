@@ -172,7 +172,8 @@ class PackedStream(IterableDataset):
     def progress(self) -> dict[str, Any]:
         """This rank's data progress: its layout, carry and the state of each worker after its last trained pack."""
         return {"world_size": self.world_size, "rank": self.rank, "num_workers": self.num_workers,
-                "carry": self.carry, "workers": {w: dict(st) for w, st in self._progress.items()}}
+                "n_units": len(self.units), "carry": self.carry,
+                "workers": {w: dict(st) for w, st in self._progress.items()}}
 
     def set_progress(self, progress: dict[str, Any]) -> None:
         """Progress of this rank from a checkpoint written by the same layout (same ranks, same workers)."""
@@ -185,6 +186,12 @@ class PackedStream(IterableDataset):
     def reshard(self, ranks: Sequence[dict[str, Any] | None]) -> None:
         """Continue the pass that the progress of *every* rank of another layout was in (``ranks[r]``: rank r's
         :meth:`progress`); see :mod:`data_modules.reshard`."""
+        sizes = {int(p["n_units"]) for p in ranks if p and "n_units" in p}
+        if sizes and sizes != {len(self.units)}:
+            log.warning("data stream: the checkpoint's pass was over %s units (records or tar shards), this data has "
+                        "%d: the data changed, so the pass starts again", sorted(sizes), len(self.units))
+            self.carry, self._progress, self._state = None, {}, initial_state(None)
+            return
         states = []
         for prog in ranks:
             prog = prog or {}

@@ -104,9 +104,10 @@ def test_sharded_run_preempted_three_times_repeats_the_single_process(corpus, si
     assert_retention(root / "ckpt")
 
 
+@pytest.mark.slow  # the default suite resumes 2 -> 1 and 1 -> 2 processes in tests/test_reshard_resume.py
 def test_a_two_process_checkpoint_resumes_on_one_process(corpus, tmp_path):  # noqa: F811
-    """Weights, EMA, teacher and optimiser states reshard on load; RNG and data positions cannot be mapped onto
-    another number of processes: the run says so and continues the step count."""
+    """Weights, EMA, teacher and optimiser states reshard on load (co-evolution stage, replicated data); RNG states
+    cannot be mapped onto another number of processes: the run says so and continues the step count."""
     root = tmp_path / "fsdp"
     run_and_kill(fit_command(corpus, root, devices=2, workers=0), root / "steps.jsonl", 3, tmp_path / "killed.log")
     ckpt = root / "ckpt" / "last.ckpt"

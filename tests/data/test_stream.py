@@ -257,3 +257,14 @@ def test_any_sequence_of_layouts_trains_each_record_once_per_pass(layouts, seed)
     assert done >= 1
     per_epoch = Counter((e, recs[i].id) for e, i in trained if e < done)
     assert per_epoch == Counter((e, r.id) for e in range(done) for r in recs)
+
+
+def test_a_pass_over_other_data_is_not_continued(caplog):
+    """Progress saved over 60 records, resumed over 50 on another layout: the data changed, the pass starts again
+    (logged) instead of reading bitmaps of the wrong size."""
+    _, old = train_layout(records(60), None, 2, 0, 2)
+    ds = make(records(50), world_size=1, packs_per_epoch=10_000)
+    with caplog.at_level("WARNING", logger="unigendet.data"):
+        ds.reshard(old)
+    assert "the data changed" in caplog.text and ds.carry is None
+    assert ids_of([next(iter(loader(ds)))])[0] == records(50)[ds.shard_order(0, 0, 1)[0]].id
