@@ -236,20 +236,22 @@ def test_detection_tar_shards_carry_label_and_conversation_in_json(corpus, tmp_p
            ("det/no-image", {"json": samples[0][1]["json"]}),
            ("det/bad-json", {"png": samples[0][1]["png"], "json": b"{oops"}),
            ("det/verdict", {"png": samples[1][1]["png"], "cls": b"0"}),
-           ("det/named", {"png": samples[2][1]["png"], "json": b'{"label": "Real"}'})]
+           ("det/named", {"png": samples[2][1]["png"], "json": b'{"label": "Real"}'}),
+           ("det/corrupt", {"png": b"\x89PNG not really", "json": samples[3][1]["json"]})]
     write_tar(tmp_path / "d0.tar", samples[:12] + bad)
     write_tar(tmp_path / "d1.tar", samples[12:])
     dm = det_dm_for(root, cfg, f"{tmp_path}/d{{0..1}}.tar", conversation_column="conversations")
     recs = {r.id.split(":")[1]: r for r in dm.split_records("val")}
     ref = json.loads((root / "det.json").read_text())
-    assert len(recs) == 24 + 2
+    assert len(recs) == 24 + 3
     assert all(recs[f"det/{i:05d}"].label == ref[i]["label"] for i in range(24))
     assert recs["det/00003"].answer == ref[3]["conversations"][1]["value"]
     assert (recs["det/verdict"].label, recs["det/verdict"].answer) == (0, "This is a fake image.")
     assert recs["det/named"].label == 1 and recs["det/verdict"].prompt == "Does the image looks real/fake?"
     assert dict(dm.read_skips.counts) == {"bad_label": 1, "missing_file": 1, "malformed_record": 1}
-    batches = list(dm.val_dataloader())
+    batches = list(dm.val_dataloader())  # the corrupt image member is found when the sample is planned
     assert sum(b.stats["samples"] for b in batches) == 26 and all(b.det_labels.numel() for b in batches)
+    assert batches[-1].stats["skipped"] == {"unreadable_image": 1}  # the worker's running count
     train = next(iter(dm.train_dataloader()))  # streamed from the shards, images decoded from the members
     assert train.vit_tokens.numel() and train.det_labels.numel() == train.stats["samples"]
 
