@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from callbacks import read_sample_log
-from tests.test_resume import EXPERIMENTS, SMALL, corpus, run  # noqa: F401 (corpus is a fixture)
+from tests.test_resume import EXPERIMENTS, SMALL, corpus, run, trainer_config  # noqa: F401 (corpus: a fixture)
 
 pytestmark = pytest.mark.multiprocess
 N_RECORDS = 20  # per stream: a pass is a few steps
@@ -32,13 +32,8 @@ def small(corpus):  # noqa: F811
 def fit(data: Path, root: Path, *extra: str, devices: int, workers: int, steps: int) -> list[str]:
     """``unigendet fit`` of the GDUF stage on a test-sized model, sharded over ``devices`` CPU processes (each
     rank reads its own shard of both streams), a checkpoint every step, every rank's trained samples logged."""
-    trainer_cfg = root / "trainer.yaml"
-    trainer_cfg.parent.mkdir(parents=True, exist_ok=True)
-    trainer_cfg.write_text(json.dumps({"trainer": {"callbacks": [
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-         "init_args": {"dirpath": str(root / "ckpt"), "every_n_train_steps": 1, "save_last": True, "save_top_k": 1,
-                       "monitor": None}},
-        {"class_path": "callbacks.SampleLog", "init_args": {"folder": str(root / "samples")}}]}}))
+    trainer_cfg = trainer_config(root, {"class_path": "callbacks.SampleLog",
+                                        "init_args": {"folder": str(root / "samples")}})
     return [sys.executable, "-m", "unigendet", "fit",
             *[f"--config={EXPERIMENTS / c}" for c in ("base.yaml", "gduf.yaml")], f"--config={trainer_cfg}",
             "--model.model_name=demo", f"--model.model_overrides={SMALL}", "--model.init_from=null",

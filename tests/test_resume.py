@@ -36,6 +36,17 @@ def corpus(tmp_path_factory):
     return out
 
 
+def trainer_config(root: Path, *callbacks: dict) -> Path:
+    """``root/trainer.yaml``: a checkpoint every step into ``root/ckpt`` (``last.ckpt`` too), plus ``callbacks``."""
+    path = root / "trainer.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"trainer": {"callbacks": [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(root / "ckpt"), "every_n_train_steps": 1, "save_last": True, "save_top_k": 1,
+                       "monitor": None}}, *callbacks]}}))
+    return path
+
+
 def fit_command(corpus: Path, root: Path, *extra: str, devices: int = 1, workers: int = 1) -> list[str]:
     """``python -m unigendet fit`` of the co-evolution stage (DIGA with a refreshed snapshot teacher, fresh fakes,
     EMA, DataLoader workers) on a test-sized model, checkpointing every step, logging every step's losses.
@@ -44,13 +55,8 @@ def fit_command(corpus: Path, root: Path, *extra: str, devices: int = 1, workers
     if devices > 1:
         extra = ("--trainer.strategy=fsdp2", "--model.fsdp.param_dtype=fp32", "--data.replicate_across_ranks=true",
                  "--model.rank_seeds=false", *extra)
-    trainer_cfg = root / "trainer.yaml"
-    trainer_cfg.parent.mkdir(parents=True, exist_ok=True)
-    trainer_cfg.write_text(json.dumps({"trainer": {"callbacks": [
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-         "init_args": {"dirpath": str(root / "ckpt"), "every_n_train_steps": 1, "save_last": True, "save_top_k": 1,
-                       "monitor": None}},
-        {"class_path": "callbacks.StepLog", "init_args": {"path": str(root / "steps.jsonl")}}]}}))
+    trainer_cfg = trainer_config(root, {"class_path": "callbacks.StepLog",
+                                        "init_args": {"path": str(root / "steps.jsonl")}})
     det = corpus / "detection"
     return [sys.executable, "-m", "unigendet", "fit",
             *[f"--config={EXPERIMENTS / c}" for c in ("base.yaml", "gduf.yaml", "coevolve.yaml")],
