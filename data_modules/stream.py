@@ -116,11 +116,6 @@ class PackedStream(IterableDataset):
         self._loaded = False  # a load_state_dict for the coming iteration (it wins over the recorded progress)
         self._state: dict[str, Any] = initial_state(None)
 
-    @property
-    def records(self) -> Sequence:
-        """The in-memory records (record units only)."""
-        return self.units.records
-
     # ----------------------------------------------------------------------------------------------
     def __len__(self) -> int:
         if self.one_pass:

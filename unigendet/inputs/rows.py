@@ -138,7 +138,7 @@ def tar_row(sample: TarSample, cols: Columns, skips: SkipCounter) -> tuple[dict[
     if "cls" in sample.fields and cols.label not in row:
         row[cols.label] = sample.fields["cls"]
     key = cols.image.lower()
-    image = sample.fields.get(key) if key in sample.fields else next(
+    image = sample.fields[key] if key in sample.fields else next(
         (sample.fields[f] for f in IMAGE_FIELDS if f in sample.fields), None)
     return row, image
 
@@ -214,7 +214,7 @@ def read_table_t2i(path, skips: SkipCounter, cols: Columns) -> Iterator[T2IRecor
 def image_source(rec, image_column: str, root=None) -> tuple[Any, Any]:
     """``(source, root)`` to hand to :func:`~unigendet.inputs.images.open_image` for a record's image: its bytes
     (tar samples), its table cell (bytes, a path, or None for a null / damaged cell), or its path under ``root``."""
-    if getattr(rec, "blob", None) is not None:
+    if rec.blob is not None:
         return rec.blob, None
     if rec.shard is not None:
         return tables.image_value(tables.load_cell(rec.shard, rec.row, image_column), Path(rec.shard).parent), None

@@ -108,7 +108,8 @@ def iter_rows(files: list[Path], columns: list[str], skips: SkipCounter) -> Iter
     import pyarrow.parquet as pq
 
     for file in files:
-        present = [c for c in columns if c in column_names(file)]
+        names = column_names(file)
+        present = [c for c in columns if c in names]
         if file.suffix == ".arrow":
             row = 0
             for batch in _arrow_table(str(file), os.getpid()).select(present).to_batches(max_chunksize=4096):

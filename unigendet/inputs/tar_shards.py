@@ -150,7 +150,7 @@ def iter_samples(shard: str, skips: SkipCounter, offset: int = 0,
             try:
                 member = tf.next()
             except (tarfile.TarError, OSError, ValueError, UnicodeError) as e:
-                _count(skips, "corrupt_tar", name, f"unreadable header after byte {tf.offset}: {e}")
+                skips.skip("corrupt_tar", name, f"unreadable header after byte {tf.offset}: {e}")
                 return
             if member is None:
                 if key is not None and fields:
@@ -166,15 +166,15 @@ def iter_samples(shard: str, skips: SkipCounter, offset: int = 0,
                     yield TarSample(shard, key, fields, start, member.offset)
                 key, fields, start = parsed[0], {}, member.offset
             if member.size > max_member_bytes:
-                _count(skips, "member_too_large", f"{name}:{member.name}", f"{member.size} bytes > {max_member_bytes}")
+                skips.skip("member_too_large", f"{name}:{member.name}", f"{member.size} bytes > {max_member_bytes}")
                 continue
             try:
                 data = tf.extractfile(member).read()
             except (tarfile.ReadError, OSError) as e:
-                _count(skips, "truncated_tar", f"{name}:{member.name}", f"the shard ends inside this member: {e}")
+                skips.skip("truncated_tar", f"{name}:{member.name}", f"the shard ends inside this member: {e}")
                 return
             if len(data) != member.size:
-                _count(skips, "truncated_tar", f"{name}:{member.name}", "the shard ends inside this member")
+                skips.skip("truncated_tar", f"{name}:{member.name}", "the shard ends inside this member")
                 return
             fields[parsed[1]] = data
 
@@ -186,13 +186,9 @@ def _damage(f, end: int, name: str, skips: SkipCounter, error: str | None) -> No
     if tail and not tail.strip(b"\0"):
         return  # the end-of-archive blocks
     if not tail:
-        _count(skips, "truncated_tar", name, f"the shard ends at byte {end} without its end-of-archive blocks")
+        skips.skip("truncated_tar", name, f"the shard ends at byte {end} without its end-of-archive blocks")
     else:
-        _count(skips, "corrupt_tar", name, f"unreadable tar header at byte {end}" + (f": {error}" if error else ""))
-
-
-def _count(skips: SkipCounter, reason: str, example: str, detail: str) -> None:
-    skips.skip(reason, example, detail)
+        skips.skip("corrupt_tar", name, f"unreadable tar header at byte {end}" + (f": {error}" if error else ""))
 
 
 def sample_at(shard: str, offset: int, skips: SkipCounter) -> TarSample | None:
