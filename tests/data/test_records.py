@@ -22,8 +22,8 @@ from PIL import Image, ImageFile
 from data_modules.inspect import inspect_data, main_inspect
 from unigendet.inputs import json_stream
 from unigendet.inputs.images import open_image
-from unigendet.inputs.parquet import load_parquet_image_bytes
 from unigendet.inputs.records import CorpusError, read_detection, read_t2i, t2i_image_root
+from unigendet.inputs.rows import image_source
 from unigendet.inputs.skips import SkipCounter
 
 #####################################################################################################
@@ -360,7 +360,7 @@ def _decode_t2i(path, recs, image_column="image"):
     skips, pixels = SkipCounter(), []
     for r in recs:
         if r.shard is not None:
-            img = open_image(load_parquet_image_bytes(r.shard, r.row, image_column), skips, r.id)
+            img = open_image(image_source(r, image_column)[0], skips, r.id)
         else:
             img = open_image(r.image, skips, r.id, root=t2i_image_root(path))
         pixels.append(None if img is None else np.asarray(img))
@@ -412,7 +412,7 @@ def test_parquet_folder_and_configurable_columns(tmp_path):
     assert [r.prompt for r in recs] == [c for c, _ in rows]
     # random access, backwards and across row groups, returns the right cells
     for r in reversed(recs):
-        assert load_parquet_image_bytes(r.shard, r.row, "jpg") == rows[int(r.prompt.split()[1])][1]
+        assert image_source(r, "jpg")[0] == rows[int(r.prompt.split()[1])][1]
     with pytest.raises(CorpusError, match="caption"):
         list(read_t2i(folder, SkipCounter()))  # default column names do not exist
 
@@ -435,7 +435,7 @@ def test_a_damaged_parquet_image_page_costs_only_its_row_group(tmp_path):
     skips = SkipCounter()
     recs = list(read_t2i(shard, skips))  # captions live in another column chunk: all rows are read
     assert len(recs) == 6 and skips.total == 0
-    decoded = [open_image(load_parquet_image_bytes(r.shard, r.row), skips, r.id) for r in recs]
+    decoded = [open_image(image_source(r, "image")[0], skips, r.id) for r in recs]
     assert [img is not None for img in decoded] == [True, True, False, False, True, True]
     assert dict(skips.counts) == {"unreadable_image": 2}
 

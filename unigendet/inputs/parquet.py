@@ -142,14 +142,3 @@ def load_parquet_cell(shard: str | os.PathLike, row: int, column: str) -> Any:
                         shard, row, column, e)
         return None
 
-
-def load_parquet_image_bytes(shard: str | os.PathLike, row: int, image_column: str = "image") -> bytes | None:
-    """The image bytes of one Parquet cell (:func:`load_parquet_cell`), or None when the cell is null, holds no
-    bytes or cannot be read. Accepts raw binary cells and ``{"bytes": ..., "path": ...}`` structs (HF ``datasets``
-    / LAION style); a damaged page gives None (then counted as ``unreadable_image`` by ``open_image``)."""
-    value = load_parquet_cell(shard, row, image_column)
-    if isinstance(value, dict):
-        value = value.get("bytes")
-    if isinstance(value, (bytes, bytearray, memoryview)) and len(value):
-        return bytes(value)
-    return None

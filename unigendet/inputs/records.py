@@ -8,7 +8,7 @@ Features:
 * **Streaming, memory-light.** JSON Lines are read line by line; a JSON list (FakeClue's ``train.json``) is parsed
   element by element with :meth:`json.JSONDecoder.raw_decode` over a sliding buffer, so a 100k-record file never
   sits in memory as one Python list. Parquet captions are read in batches; image bytes are read later, one cell at a
-  time (:func:`unigendet.inputs.parquet.load_parquet_image_bytes`).
+  time (:func:`unigendet.inputs.rows.image_source`).
 * **Every bad record is a counted skip, never an exception.** The reason (see ``skips.REASONS``) goes to the
   :class:`~unigendet.inputs.skips.SkipCounter`. The first failing check decides the reason, in this order:
   ``malformed_record`` (unparsable JSON line, non-object element, missing image path), ``bad_label``,
@@ -229,7 +229,7 @@ def read_t2i(path: str | os.PathLike, skips: SkipCounter, *, image_column: str =
     Three layouts: a metadata JSON list / JSON Lines file of ``{"image_path": ..., "prompt": ...}`` (paths relative to
     the file's folder, see :func:`t2i_image_root`), one Parquet file, or a folder of Parquet shards (``*.parquet``,
     sorted by name; :mod:`unigendet.inputs.parquet`). Parquet records hold ``shard`` and ``row`` only: the image
-    bytes are read later with :func:`unigendet.inputs.parquet.load_parquet_image_bytes`, so reading the corpus
+    bytes are read later with :func:`unigendet.inputs.rows.image_source`, so reading the corpus
     touches nothing but the caption column.
 
     Args:
