@@ -113,11 +113,10 @@ N_SHARDS = 8
 def write_formats(out: Path, paths: dict) -> dict:
     """The jpeg512 corpus again as Parquet files and as WebDataset tar shards (``N_SHARDS`` of each per side, the
     same images and text); returns ``{"detection:parquet": ..., "t2i:tar": ..., ...}``."""
-    import io
-    import tarfile
-
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from unigendet.inputs.tar_shards import write_shard
 
     det = json.loads(Path(paths["detection"]).read_text())
     t2i = [json.loads(line) for line in Path(paths["t2i"]).read_text().splitlines()]
@@ -139,13 +138,8 @@ def write_formats(out: Path, paths: dict) -> dict:
                 table = pa.table({"image": images, "caption": [r["prompt"] for r in part]})
                 members = [{"jpg": img, "txt": r["prompt"]} for img, r in zip(images, part, strict=True)]
             pq.write_table(table, pq_dir / f"{k:05d}.parquet", row_group_size=64)
-            with tarfile.open(tar_dir / f"{k:05d}.tar", "w") as tf:
-                for i, fields in enumerate(members):
-                    for field, value in fields.items():
-                        raw = value if isinstance(value, bytes) else value.encode()
-                        info = tarfile.TarInfo(f"{k + i * N_SHARDS:09d}.{field}")  # the record's index
-                        info.size = len(raw)
-                        tf.addfile(info, io.BytesIO(raw))
+            write_shard(tar_dir / f"{k:05d}.tar",  # keys: the records' indices
+                        [(f"{k + i * N_SHARDS:09d}", fields) for i, fields in enumerate(members)])
         formats[f"{side}:parquet"], formats[f"{side}:tar"] = str(pq_dir), f"{tar_dir}/{{00000..{N_SHARDS - 1:05d}}}.tar"
     return formats
 

@@ -96,16 +96,11 @@ def laion_shards(t2i: Path, out: Path, n_shards: int = 2) -> None:
 
 def tar_shards(out: Path, samples: list[tuple[str, dict[str, bytes]]], n_shards: int = 2) -> None:
     """``samples`` (key, {field: bytes}) as WebDataset tar shards ``00000.tar``.. (members ``key.field``)."""
-    import tarfile
+    from unigendet.inputs.tar_shards import write_shard
 
     out.mkdir(parents=True)
     for k in range(n_shards):
-        with tarfile.open(out / f"{k:05d}.tar", "w", format=tarfile.USTAR_FORMAT) as tf:
-            for key, fields in samples[k::n_shards]:
-                for field, data in fields.items():
-                    info = tarfile.TarInfo(f"{key}.{field}")
-                    info.size = len(data)
-                    tf.addfile(info, io.BytesIO(data))
+        write_shard(out / f"{k:05d}.tar", samples[k::n_shards])
 
 
 def other_formats(ws: Path, t2i: Path) -> None:

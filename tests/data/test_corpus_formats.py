@@ -4,9 +4,7 @@ damaged shards, exact mid-shard resume, passes that continue on another layout, 
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from tests.data.test_data_modules import SIZES, corpus  # noqa: F401 (corpus is 
 from unigendet.inputs.json_stream import CorpusError
 from unigendet.inputs.rows import Columns, TarRecords
 from unigendet.inputs.skips import SkipCounter
-from unigendet.inputs.tar_shards import expand_braces, expand_shards, iter_samples
+from unigendet.inputs.tar_shards import expand_braces, expand_shards, iter_samples, write_shard
 
 #####################################################################################################
 # Writing shards
@@ -30,19 +28,12 @@ from unigendet.inputs.tar_shards import expand_braces, expand_shards, iter_sampl
 
 
 def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]], end_blocks: bool = True) -> Path:
-    """A tar of ``key.field`` members, in order (as img2dataset and ``webdataset.TarWriter`` write them)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-        for key, fields in samples:
-            for field, data in fields.items():
-                info = tarfile.TarInfo(f"{key}.{field}")
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
-    data = buf.getvalue()
+    """A tar of ``key.field`` members (:func:`write_shard`); ``end_blocks=False``: cut off its end-of-archive
+    blocks, as an interrupted writer leaves it."""
+    write_shard(path, samples)
     if not end_blocks:
-        data = data.rstrip(b"\0")
-        data += b"\0" * (-len(data) % 512)
-    path.write_bytes(data)
+        data = path.read_bytes().rstrip(b"\0")
+        path.write_bytes(data + b"\0" * (-len(data) % 512))
     return path
 
 

@@ -17,7 +17,8 @@ Features:
   ``truncated_tar``; a header that does not parse (the rest of the shard is unreadable) counts ``corrupt_tar``;
   a member over ``max_member_bytes`` counts ``member_too_large``; the samples before the damage are kept;
 * members that are not regular files (directories, links) and names without a field (no dot) are ignored, as
-  WebDataset does.
+  WebDataset does;
+* :func:`write_shard` writes one shard in that layout (tests, benchmarks, converting a corpus).
 
 Why ``tarfile`` and not the ``webdataset`` package: its tar iterators read a stream (``r|``) and expose no member
 offsets, so an exact mid-shard resume would re-read the shard from its start, and its shuffle buffer is not
@@ -27,12 +28,14 @@ checkpointable; the grouping convention it defines is small and implemented here
 from __future__ import annotations
 
 import glob
+import io
 import os
 import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from unigendet.inputs.json_stream import CorpusError
 from unigendet.inputs.skips import SkipCounter
@@ -205,3 +208,17 @@ def count_samples(shard: str) -> int:
             if parsed is not None and member.isreg() and parsed[0] != key:
                 n, key = n + 1, parsed[0]
     return n
+
+
+def write_shard(path: str | os.PathLike, samples: list[tuple[str, dict[str, Any]]]) -> Path:
+    """Write ``samples`` (key, {field: bytes or str}) as one tar shard of ``key.field`` members, in order (the layout
+    img2dataset and ``webdataset.TarWriter`` write); str values are UTF-8 encoded."""
+    path = Path(path)
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for key, fields in samples:
+            for field, value in fields.items():
+                data = value.encode() if isinstance(value, str) else bytes(value)
+                info = tarfile.TarInfo(f"{key}.{field}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return path
