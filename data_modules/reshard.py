@@ -37,12 +37,27 @@ Carry = dict[str, Any]  # {"n_shards": K, "epochs": {epoch: {"taken": uint8 bits
 
 def shard_work(order: Sequence[int], epoch: int, shard: int, n_shards: int, carry: Carry | None) -> list[Item]:
     """Shard ``shard`` of ``n_shards``'s work list in ``epoch``; ``order`` is the epoch's permutation of the units."""
+    return slice_work(order, epoch_work(order, epoch, carry), shard, n_shards)
+
+
+def epoch_work(order: Sequence[int], epoch: int, carry: Carry | None) -> tuple[list[list], list[int]] | None:
+    """A carried epoch's partial items and the units nobody took (in the epoch's order); None for a plain epoch."""
     spec = (carry or {}).get("epochs", {}).get(epoch)
     if spec is None:
+        return None
+    units = np.asarray(order, dtype=np.int64)
+    remainder = units[~unpack(spec["taken"], len(units))[units]].tolist()
+    return [list(p) for p in spec["partial"]], remainder
+
+
+def slice_work(order: Sequence[int], carried: tuple[list[list], list[int]] | None, shard: int,
+               n_shards: int) -> list[Item]:
+    """One shard's share of an epoch: positions ``shard::n_shards`` of the order, or of a carried epoch's partial
+    items followed by its remaining units."""
+    if carried is None:
         return list(order[shard::n_shards])
-    taken = unpack(spec["taken"], len(order))
-    remainder = [u for u in order if not taken[u]]
-    return [list(p) for p in spec["partial"][shard::n_shards]] + remainder[shard::n_shards]
+    partial, remainder = carried
+    return partial[shard::n_shards] + remainder[shard::n_shards]
 
 
 def initial_state(carry: Carry | None) -> dict[str, Any]:
@@ -65,9 +80,10 @@ def reshard(states: Sequence[dict[str, Any]], carry: Carry | None, order_of: Cal
         order = order_of(e)
         spec = (carry or {}).get("epochs", {}).get(e)
         taken = unpack(spec["taken"], n_units).copy() if spec else np.zeros(n_units, dtype=bool)
+        carried = epoch_work(order, e, carry)  # once per epoch, not once per old shard
         partial: list[list] = []
         for k, st in enumerate(states):
-            work = shard_work(order, e, k, old_k, carry)
+            work = slice_work(order, carried, k, old_k)
             done = len(work) if e < st["epoch"] else st["pos"] if e == st["epoch"] else 0
             for item in work[:done]:
                 if isinstance(item, int):
