@@ -15,10 +15,8 @@ from data_modules.plans import DetectionPlanner
 from data_modules.units import RecordUnits, TarUnits
 from unigendet.constants import DETECTION_PROMPT
 from unigendet.inputs.images import open_image
-from unigendet.inputs.records import read_detection
-from unigendet.inputs.rows import Columns, TarRecords, image_source, read_table_detection
+from unigendet.inputs.rows import Columns, TarRecords, image_source, read_corpus
 from unigendet.inputs.skips import SkipCounter
-from unigendet.inputs.tables import is_table
 
 
 @dataclass(eq=False, repr=False)
@@ -66,12 +64,9 @@ class DetectionDataModule(StreamDataModule):
     def records(self, split: str):
         path = self._path(split)
         recs = self.tar_records(split, self._tar())
-        if recs is None and is_table(path):
-            recs = read_table_detection(path, self.read_skips, self.columns(), categories=self.categories,
-                                        prompt_override=self.prompt)
-        elif recs is None:
-            recs = read_detection(path, self.read_skips, image_root=self._root(path), categories=self.categories,
-                                  prompt_override=self.prompt)
+        if recs is None:
+            recs = read_corpus("detection", path, self.read_skips, self.columns(), categories=self.categories,
+                               prompt_override=self.prompt)
         recs = list(recs)
         if not recs:
             raise ValueError(f"{path}: no usable detection records (skipped: {dict(self.read_skips.counts)})")

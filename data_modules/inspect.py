@@ -31,10 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from unigendet.inputs.images import MAX_PIXELS, open_image
-from unigendet.inputs.records import CorpusError, read_detection, read_t2i, t2i_image_root
-from unigendet.inputs.rows import Columns, TarRecords, image_source, read_table_detection, read_table_t2i
+from unigendet.inputs.records import CorpusError, t2i_image_root
+from unigendet.inputs.rows import Columns, TarRecords, image_source, read_corpus
 from unigendet.inputs.skips import SkipCounter
-from unigendet.inputs.tables import is_hf_saved, is_table
 from unigendet.inputs.tar_shards import expand_shards, is_tar_spec, iter_samples
 
 DEFAULT_PRESET = "bagel-7b-mot"
@@ -114,11 +113,7 @@ def corpus_records(kind: str, path: str | os.PathLike, skips: SkipCounter, cols:
     """The records of a detection or T2I corpus in any format training reads."""
     if is_tar_spec(path):
         return tar_records(path, skips, TarRecords(kind, cols))
-    if kind == "detection":
-        return read_table_detection(path, skips, cols) if is_table(path) else read_detection(path, skips)
-    if is_hf_saved(path):
-        return read_table_t2i(path, skips, cols)
-    return read_t2i(path, skips, image_column=cols.image, caption_column=cols.caption)
+    return read_corpus(kind, path, skips, cols)
 
 
 def inspect_data(detection: str | os.PathLike | None = None, t2i: str | os.PathLike | None = None,

@@ -9,10 +9,8 @@ from data_modules.base import StreamDataModule
 from data_modules.plans import DEFAULT_TEACHER_PROMPT, T2IPlanner
 from data_modules.units import RecordUnits, TarUnits
 from unigendet.inputs.images import open_image
-from unigendet.inputs.records import read_t2i
-from unigendet.inputs.rows import Columns, TarRecords, image_source, read_table_t2i
+from unigendet.inputs.rows import Columns, TarRecords, image_source, read_corpus
 from unigendet.inputs.skips import SkipCounter
-from unigendet.inputs.tables import is_hf_saved
 
 
 @dataclass
@@ -54,12 +52,7 @@ class T2IDataModule(T2IFields, StreamDataModule):
     def records(self, split: str):
         path = self._path(split)
         recs = self.tar_records(split, TarRecords("t2i", self.columns()))
-        if recs is None and is_hf_saved(path):
-            recs = read_table_t2i(path, self.read_skips, self.columns())
-        elif recs is None:
-            recs = read_t2i(path, self.read_skips, image_column=self.image_column, caption_column=self.caption_column,
-                            max_caption_chars=self.max_caption_chars)
-        recs = list(recs)
+        recs = list(read_corpus("t2i", path, self.read_skips, self.columns()) if recs is None else recs)
         if not recs:
             raise ValueError(f"{path}: no usable text-to-image records (skipped: {dict(self.read_skips.counts)})")
         return recs

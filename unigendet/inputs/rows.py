@@ -31,6 +31,8 @@ from unigendet.inputs.records import (
     T2IRecord,
     caption_reason,
     detection_texts,
+    read_detection,
+    read_t2i,
 )
 from unigendet.inputs.skips import SkipCounter
 from unigendet.inputs.tar_shards import TarSample
@@ -209,6 +211,22 @@ def read_table_t2i(path, skips: SkipCounter, cols: Columns) -> Iterator[T2IRecor
         rec = t2i_record(row, f"{file.name}:{i}", skips, cols, shard=str(file), index=i)
         if rec is not None:
             yield rec
+
+
+def read_corpus(kind: str, path, skips: SkipCounter, cols: Columns, *, categories=None,
+                prompt_override: str | None = None) -> Iterator[DetectionRecord] | Iterator[T2IRecord]:
+    """The records of a ``detection`` or ``t2i`` corpus that is not tar shards: a saved HF dataset or Parquet table
+    (:func:`read_table_detection`; T2I Parquet goes through :func:`~unigendet.inputs.records.read_t2i`, which reads
+    its captions leniently shard by shard), or a FakeClue / metadata JSON or JSON Lines file."""
+    if kind == "detection":
+        if tables.is_table(path):
+            return read_table_detection(path, skips, cols, categories=categories, prompt_override=prompt_override)
+        return read_detection(path, skips, categories=categories, prompt_override=prompt_override,
+                              max_text_chars=cols.max_text_chars)
+    if tables.is_hf_saved(path):
+        return read_table_t2i(path, skips, cols)
+    return read_t2i(path, skips, image_column=cols.image, caption_column=cols.caption,
+                    max_caption_chars=cols.max_caption_chars)
 
 
 def image_source(rec, image_column: str, root=None) -> tuple[Any, Any]:
